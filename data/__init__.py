@@ -1,0 +1,1 @@
+"""Data shipped with ernie_lab (installed as the package ``ernie_lab._data``)."""

@@ -1,0 +1,245 @@
+"""ErnieConfig: the hyper-parameters of an ERNIE 4.5 MoE model.
+
+Field names are the keys of the Hugging Face ``config.json`` so that a config round-trips
+without a renaming table. Keys the hub files carry but the architecture ignores
+(``moe_capacity``, ``moe_gate``, ``moe_use_aux_free``, ``use_rmsnorm``, ...) are kept read-only in
+``extra``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field and the rule."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErnieConfig:
+    vocab_size: int = 103424
+    hidden_size: int = 2560  # d_model
+    intermediate_size: int = 12288  # d_ff of the dense (non-MoE) SwiGLU layers
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 20
+    num_key_value_heads: int = 4  # GQA: each kv head serves heads // kv_heads query heads
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads (as transformers)
+    hidden_act: str = "silu"  # the only activation ERNIE 4.5 uses
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0  # GLM-style interleaved RoPE base
+    use_bias: bool = False  # biases on attention / dense / shared-expert projections and lm_head
+    tie_word_embeddings: bool = True  # lm_head shares embed_tokens' weight
+    moe_num_experts: int = 64  # routed experts per MoE layer
+    moe_k: int = 6  # experts selected per token
+    moe_num_shared_experts: int = 2  # folded into one SwiGLU of width moe_intermediate_size * this
+    moe_intermediate_size: int = 1536  # d_expert
+    moe_layer_start_index: int = 1
+    moe_layer_end_index: int = -1  # -1 means the last layer
+    moe_layer_interval: int = 1
+    moe_norm_min: float = 1e-12  # clamp of the top-k weight sum before renormalising
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if self.moe_layer_end_index == -1:
+            object.__setattr__(self, "moe_layer_end_index", self.num_hidden_layers - 1)
+        self._validate()
+
+    # ----------------------------------------------------------------- derived shapes
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def d_shared(self) -> int:
+        """Width of the single SwiGLU that holds all shared experts."""
+        return self.moe_intermediate_size * self.moe_num_shared_experts
+
+    def is_moe_layer(self, i: int) -> bool:
+        """ERNIE 4.5 placement rule (transformers ``Ernie4_5_MoeDecoderLayer``)."""
+        return (
+            self.moe_layer_start_index <= i <= self.moe_layer_end_index
+            and (i + 1) % self.moe_layer_interval == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_hf(cls, src: str | Path | Mapping[str, Any]) -> ErnieConfig:
+        """Build from a hub/transformers ``config.json`` (path to the file or its directory) or a dict.
+
+        Accepts both the hub's original form (``rope_theta`` at top level) and transformers' re-saved
+        form (``rope_parameters.rope_theta``, ``moe_layer_end_index`` made explicit).
+        """
+        if isinstance(src, Mapping):
+            raw = dict(src)
+        else:
+            path = Path(src)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.exists():
+                raise FileNotFoundError(f"no config.json at {path}")
+            raw = json.loads(path.read_text())
+        return cls._from_dict(raw)
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> ErnieConfig:
+        raw = dict(raw)
+        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
+        if "rope_theta" in rope:
+            raw.setdefault("rope_theta", rope["rope_theta"])
+        if isinstance(raw.get("moe_num_experts"), list):
+            raise ConfigError(
+                f"moe_num_experts={raw['moe_num_experts']} is a list (multimodal ERNIE 4.5-VL); "
+                "only the text MoE models are supported"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in names}
+        extra = {k: v for k, v in raw.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def preset(cls, name: str) -> ErnieConfig:
+        """Released shapes (``"21b-a3b"``, ``"300b-a47b"``), ``"bench"`` (BENCH.md) and ``"tiny"``."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def replace(self, **changes: Any) -> ErnieConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``config.json`` transformers writes for this model (extras kept)."""
+        out = {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", **self.extra}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_theta") or (f.name == "head_dim" and self.head_dim is None):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        return out
+
+    # ----------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def require(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "moe_num_experts",
+            "moe_k",
+            "moe_intermediate_size",
+            "moe_layer_interval",
+            "intermediate_size",
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
+        require(self.moe_num_shared_experts >= 0, "moe_num_shared_experts must be >= 0")
+        require(
+            self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+            f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size} "
+            "(or set head_dim)",
+        )
+        require(self.d_head % 2 == 0, f"head dim {self.d_head} must be even for rotary embeddings")
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_key_value_heads={self.num_key_value_heads} must divide "
+            f"num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.moe_k <= self.moe_num_experts,
+            f"moe_k={self.moe_k} cannot exceed moe_num_experts={self.moe_num_experts}",
+        )
+        require(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r}: only 'silu' is supported")
+        require(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
+        require(self.rope_theta > 0, "rope_theta must be > 0")
+        require(self.moe_layer_start_index >= 0, "moe_layer_start_index must be >= 0")
+        require(
+            self.moe_layer_end_index < self.num_hidden_layers,
+            f"moe_layer_end_index={self.moe_layer_end_index} must be < num_hidden_layers="
+            f"{self.num_hidden_layers} (or -1)",
+        )
+
+
+_21B = dict(
+    vocab_size=103424,
+    hidden_size=2560,
+    intermediate_size=12288,
+    num_hidden_layers=28,
+    num_attention_heads=20,
+    num_key_value_heads=4,
+    moe_num_experts=64,
+    moe_k=6,
+    moe_num_shared_experts=2,
+    moe_intermediate_size=1536,
+    moe_layer_start_index=1,
+    tie_word_embeddings=True,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "21b-a3b": _21B,
+    "300b-a47b": dict(
+        vocab_size=103424,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=54,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        moe_num_experts=64,
+        moe_k=8,
+        moe_num_shared_experts=0,
+        moe_intermediate_size=3584,
+        moe_layer_start_index=3,
+        tie_word_embeddings=False,
+    ),
+    # ../shared/BENCH.md: the 21B shape scaled to run on 2 CPU cores (~194M parameters).
+    "bench": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        moe_num_experts=64,
+        moe_k=6,
+        moe_num_shared_experts=2,
+        moe_intermediate_size=256,
+        moe_layer_start_index=1,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_num_shared_experts=2,
+        moe_intermediate_size=32,
+        moe_layer_start_index=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    ),
+}

@@ -1,0 +1,285 @@
+"""Hook points, the hook registry of a model, and ActivationCache.
+
+A :class:`HookPoint` is an identity on an activation until a hook is attached. It is a plain object,
+not an ``nn.Module``: an unhooked point costs one attribute test, so the plain forward pass stays as
+fast as a model without hook points. Points are named by the TransformerLens-style path of
+DESIGN.md §4 (``blocks.3.moe.hook_topk_idx``), independent of the checkpoint's module names.
+
+A hook is ``fn(tensor, hook) -> Tensor | None``; returning a tensor replaces the activation (same
+shape, dtype and device, else an error names the point). A backward hook is
+``fn(grad, hook) -> Tensor | None`` and may replace the gradient flowing into the activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
+NameSpec = str | Callable[[str], bool]
+NamesFilter = None | str | Sequence[str] | Callable[[str], bool]
+
+
+class HookError(RuntimeError):
+    """A hook returned something that cannot replace the activation."""
+
+
+class HookPoint:
+    """A named place in the forward pass where hooks can read or replace an activation."""
+
+    __slots__ = ("name", "layer", "fwd", "bwd")
+
+    def __init__(self, name: str, layer: int | None = None):
+        self.name = name
+        self.layer = layer
+        self.fwd: list[HookFn] = []
+        self.bwd: list[HookFn] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fwd or self.bwd)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fwd or self.bwd):
+            return x
+        for fn in list(self.fwd):
+            out = fn(x, self)
+            if out is not None:
+                self._check(out, x, fn)
+                x = out
+        if self.bwd and x.requires_grad:
+            x.register_hook(self._backward)
+        return x
+
+    def _backward(self, grad: torch.Tensor) -> torch.Tensor:
+        for fn in list(self.bwd):
+            out = fn(grad, self)
+            if out is not None:
+                self._check(out, grad, fn)
+                grad = out
+        return grad
+
+    def _check(self, out: Any, ref: torch.Tensor, fn: HookFn) -> None:
+        fn_name = getattr(fn, "__name__", repr(fn))
+        if not isinstance(out, torch.Tensor):
+            raise HookError(f"hook {fn_name} at {self.name} returned {type(out).__name__}, not a Tensor")
+        if out.shape != ref.shape or out.dtype != ref.dtype or out.device != ref.device:
+            raise HookError(
+                f"hook {fn_name} at {self.name} returned shape {tuple(out.shape)} {out.dtype} on "
+                f"{out.device}; expected {tuple(ref.shape)} {ref.dtype} on {ref.device}"
+            )
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
+
+
+class HookHandle:
+    """Returned by ``add_hook``; ``remove()`` detaches every hook it stands for (idempotent)."""
+
+    def __init__(self, entries: list[tuple[list[HookFn], HookFn]]):
+        self._entries = entries
+
+    def remove(self) -> None:
+        for fns, fn in self._entries:
+            for i, f in enumerate(fns):
+                if f is fn:
+                    del fns[i]
+                    break
+        self._entries = []
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+class HookRegistry:
+    """Hook management mixed into the model: ``add_hook``, ``hooks()``, ``run_with_hooks``, caches.
+
+    The host class must set ``self.hook_dict`` (name -> HookPoint, in forward order) and define
+    ``forward`` and ``hook_shape(name, batch, pos)``.
+    """
+
+    hook_dict: dict[str, HookPoint]
+
+    def hook_names(self) -> list[str]:
+        """Every hook point name, in forward order."""
+        return list(self.hook_dict)
+
+    def resolve_names(self, spec: NamesFilter) -> list[str]:
+        """Names selected by a name, glob (``"blocks.*.moe.hook_router_probs"``), list or predicate."""
+        if spec is None:
+            return self.hook_names()
+        if callable(spec):
+            return [n for n in self.hook_dict if spec(n)]
+        if isinstance(spec, str):
+            spec = [spec]
+        chosen: set[str] = set()
+        for s in spec:
+            if _is_glob(s):
+                hits = fnmatch.filter(self.hook_dict, s)
+                if not hits:
+                    raise KeyError(f"no hook point matches {s!r}")
+                chosen.update(hits)
+            elif s in self.hook_dict:
+                chosen.add(s)
+            else:
+                close = difflib.get_close_matches(s, self.hook_dict, n=5, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise KeyError(f"no hook point named {s!r}{hint}")
+        return [n for n in self.hook_dict if n in chosen]
+
+    def add_hook(self, name: NameSpec, fn: HookFn, dir: str = "fwd") -> HookHandle:
+        """Attach ``fn`` to every point ``name`` selects; returns a handle with ``.remove()``."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        entries = []
+        for n in self.resolve_names(name):
+            fns = getattr(self.hook_dict[n], dir)
+            fns.append(fn)
+            entries.append((fns, fn))
+        return HookHandle(entries)
+
+    def reset_hooks(self) -> None:
+        """Remove every hook from every point."""
+        for hp in self.hook_dict.values():
+            hp.fwd.clear()
+            hp.bwd.clear()
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Iterable[tuple[NameSpec, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[NameSpec, HookFn]] = (),
+    ) -> Iterator[Any]:
+        """Attach hooks for the body of a ``with`` block; they are removed on exit, also on errors.
+
+        Hooks attached here also fire during ``generate`` (prefill: all positions, decode: the new one).
+        """
+        handles: list[HookHandle] = []
+        try:
+            for name, fn in fwd_hooks:
+                handles.append(self.add_hook(name, fn, "fwd"))
+            for name, fn in bwd_hooks:
+                handles.append(self.add_hook(name, fn, "bwd"))
+            yield self
+        finally:
+            for h in reversed(handles):
+                h.remove()
+
+    def run_with_hooks(self, input_ids: torch.Tensor, fwd_hooks=(), bwd_hooks=(), **kwargs) -> torch.Tensor:
+        """Forward pass with temporary hooks; returns logits ``[batch pos vocab]``.
+
+        Backward hooks fire when the caller runs ``.backward()`` on something computed from the logits
+        inside the call; pass ``bwd_hooks`` and backpropagate through the returned logits.
+        """
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(input_ids, **kwargs)
+
+    def run_with_cache(
+        self,
+        input_ids: torch.Tensor,
+        names_filter: NamesFilter = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        fwd_hooks: Iterable[tuple[NameSpec, HookFn]] = (),
+        **kwargs,
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Forward pass storing the activations ``names_filter`` selects (all when None).
+
+        Runs without autograd. ``fwd_hooks`` run before caching, so the cache sees edited values.
+        ``device``/``dtype`` move and cast what is stored (e.g. ``device="cpu"`` to spare GPU memory).
+        Returns ``(logits, cache)``. Only the selected points are stored, and costly points
+        (attention scores/pattern, per-expert activations) are computed only when selected.
+        """
+        store: dict[str, torch.Tensor] = {}
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            store[hook.name] = x.detach().to(device=device or x.device, dtype=dtype or x.dtype)
+
+        names = self.resolve_names(names_filter)
+        with torch.no_grad(), self.hooks(list(fwd_hooks) + [(n, save) for n in names]):
+            logits = self(input_ids, **kwargs)
+        return logits, ActivationCache({n: store[n] for n in names if n in store})
+
+    def cache_size(self, input_ids: torch.Tensor, names_filter: NamesFilter = None) -> int:
+        """Bytes ``run_with_cache(input_ids, names_filter)`` will store, computed without running."""
+        batch, pos = input_ids.shape if input_ids.ndim == 2 else (1, input_ids.shape[0])
+        total = 0
+        for n in self.resolve_names(names_filter):
+            shape, dtype = self.hook_shape(n, batch, pos)
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel * torch.empty((), dtype=dtype).element_size()
+        return total
+
+
+class ActivationCache:
+    """Activations by hook name: ``cache[name]``, ``keys()``, ``stack()``, ``to()``, ``nbytes``."""
+
+    def __init__(self, store: dict[str, torch.Tensor]):
+        self._store = store
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._store:
+            close = difflib.get_close_matches(name, self._store, n=5, cutoff=0.6)
+            hint = f"; close: {', '.join(close)}" if close else ""
+            raise KeyError(f"{name!r} is not in this cache ({len(self._store)} entries){hint}")
+        return self._store[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._store)
+
+    def keys(self):
+        return self._store.keys()
+
+    def items(self):
+        return self._store.items()
+
+    def layers(self, suffix: str) -> list[int]:
+        """Layers holding ``blocks.{L}.{suffix}``, ascending."""
+        found = []
+        for name in self._store:
+            head, _, rest = name.partition(".")
+            layer, _, tail = rest.partition(".")
+            if head == "blocks" and tail == suffix:
+                found.append(int(layer))
+        return sorted(found)
+
+    def stack(self, suffix: str) -> torch.Tensor:
+        """Stack ``blocks.{L}.{suffix}`` over the layers that have it: ``[layer ...]``.
+
+        For MoE points only MoE layers are stacked; ``cache.layers(suffix)`` says which.
+        """
+        layers = self.layers(suffix)
+        if not layers:
+            raise KeyError(f"no entry blocks.*.{suffix} in this cache")
+        return torch.stack([self._store[f"blocks.{L}.{suffix}"] for L in layers])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """A new cache with every tensor moved/cast (integer tensors keep their dtype)."""
+        out = {}
+        for k, v in self._store.items():
+            out[k] = v.to(device=device, dtype=dtype if dtype and v.is_floating_point() else None)
+        return ActivationCache(out)
+
+    def cpu(self) -> ActivationCache:
+        return self.to("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self._store.values())
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self._store)} entries, {self.nbytes / 2**20:.1f} MiB)"

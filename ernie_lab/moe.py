@@ -1,0 +1,171 @@
+"""ERNIE 4.5 mixture-of-experts block: fp32 router with a correction bias, routed and shared experts.
+
+Axes: batch pos d_model expert topk d_expert; ``n`` = batch*pos flattened tokens, ``slot`` = one
+(token, topk) assignment. Routed expert weights are stacked ``[expert, ...]`` (gate and up fused as
+``gate_up_proj [expert 2*d_expert d_model]``, ``down_proj [expert d_model d_expert]``); the loader
+maps the hub's per-expert keys onto them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+
+from ernie_lab.config import ErnieConfig
+from ernie_lab.hook_points import HookPoint
+from ernie_lab.layers import SwiGLU
+
+
+class _Fp32Module(nn.Module):
+    """Keeps its tensors in fp32 through ``model.to(bfloat16)`` (device moves still apply):
+    routing decisions flip on tiny differences, so the router never runs in low precision."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+
+class Gate(_Fp32Module):
+    """Router weight ``[expert d_model]``, kept in fp32 whatever the model dtype."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.moe_num_experts, cfg.hidden_size, dtype=torch.float32))
+
+
+class MoeStatics(_Fp32Module):
+    """``e_score_correction_bias [1 expert]``: aux-loss-free balancing bias, used for selection only."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        bias = torch.zeros(1, cfg.moe_num_experts, dtype=torch.float32)
+        self.register_buffer("e_score_correction_bias", bias)
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked. Each is ``down(silu(gate(x)) * up(x))`` of width d_expert."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        e, d, f = cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+
+    def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]``."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.down_proj[e])
+
+
+def _sorted_slots(idx: torch.Tensor, n_expert: int):
+    """Group token-slot assignments by expert: (order, token of each sorted slot, counts per expert)."""
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_expert).tolist()  # one host sync per layer
+    return order, order // idx.shape[-1], counts
+
+
+def _per_expert(fn, x_sorted: torch.Tensor, counts: list[int], d_out: int) -> torch.Tensor:
+    """Apply ``fn(e, rows)`` to each expert's contiguous block of sorted rows (one matmul each)."""
+    out = x_sorted.new_empty(x_sorted.shape[0], d_out)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            out[start : start + c] = fn(e, x_sorted[start : start + c])
+            start += c
+    return out
+
+
+class MoE(nn.Module):
+    """Router -> top-k routed experts (weighted) + shared experts (unweighted)."""
+
+    def __init__(self, cfg: ErnieConfig, layer: int):
+        super().__init__()
+        self.n_expert, self.k, self.norm_min = cfg.moe_num_experts, cfg.moe_k, cfg.moe_norm_min
+        self.d_expert = cfg.moe_intermediate_size
+        self.gate = Gate(cfg)
+        self.moe_statics = MoeStatics(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.d_shared, cfg.use_bias) if cfg.moe_num_shared_experts else None
+        )
+        names = [
+            "router_logits",
+            "router_probs",
+            "topk_idx",
+            "topk_weights",
+            "expert_post",
+            "expert_out",
+            "routed_out",
+        ] + (["shared_out"] if self.shared_experts else [])
+        for n in names:
+            setattr(self, f"hook_{n}", HookPoint(f"blocks.{layer}.moe.hook_{n}", layer))
+        self._points = [getattr(self, f"hook_{n}") for n in names]
+
+    def hook_points(self) -> list[HookPoint]:
+        return self._points
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert indices and mixing weights ``[batch pos topk]`` for ``x [batch pos d_model]``.
+
+        Every step sees the previous step's (possibly hook-edited) value, so editing the logits or
+        probs changes the selection, and editing the indices re-gathers the weights.
+        """
+        # fp32 logits whatever the model dtype (transformers disables autocast here too)
+        logits = self.hook_router_logits(F.linear(x.float(), self.gate.weight.float()))
+        probs = self.hook_router_probs(logits.softmax(dim=-1))
+        # select on bias-corrected scores (aux-loss-free balancing), ...
+        scores = probs + self.moe_statics.e_score_correction_bias.squeeze(0)
+        idx = self.hook_topk_idx(scores.topk(self.k, dim=-1).indices)
+        # ... but weight by the unbiased probabilities of the chosen experts, renormalised
+        weights = probs.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return idx, self.hook_topk_weights(weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weights = self.route(x)
+        weights = weights.to(x.dtype)
+        if self.hook_expert_post.active or self.hook_expert_out.active:
+            routed = self._routed_explicit(x, idx, weights)
+        else:
+            routed = self._routed_fast(x, idx, weights)
+        out = self.hook_routed_out(routed)
+        if self.shared_experts is not None:
+            out = out + self.hook_shared_out(self.shared_experts(x))
+        return out
+
+    def _routed_fast(self, x, idx, weights) -> torch.Tensor:
+        """Sort slots by expert, one matmul chain per active expert, weighted scatter-add back."""
+        b, p, d = x.shape
+        xs = rearrange(x, "b p d -> (b p) d")
+        order, token, counts = _sorted_slots(idx, self.n_expert)
+        ex = self.experts
+        out_sorted = _per_expert(lambda e, rows: ex.down(e, ex.post(e, rows)), xs[token], counts, d)
+        w_sorted = weights.flatten()[order, None]
+        routed = xs.new_zeros(b * p, d).index_add_(0, token, out_sorted * w_sorted)
+        return rearrange(routed, "(b p) d -> b p d", b=b)
+
+    def _routed_explicit(self, x, idx, weights) -> torch.Tensor:
+        """Same maths with per-slot ``expert_post`` / ``expert_out`` materialised for hooks."""
+        b, p, d = x.shape
+        xs = rearrange(x, "b p d -> (b p) d")
+        order, token, counts = _sorted_slots(idx, self.n_expert)
+
+        def unsort(t_sorted: torch.Tensor) -> torch.Tensor:
+            slots = torch.empty_like(t_sorted)
+            slots[order] = t_sorted
+            return rearrange(slots, "(b p k) f -> b p k f", b=b, p=p)
+
+        post = unsort(_per_expert(self.experts.post, xs[token], counts, self.d_expert))
+        post = self.hook_expert_post(post)
+        post_sorted = rearrange(post, "b p k f -> (b p k) f")[order]
+        out = self.hook_expert_out(unsort(_per_expert(self.experts.down, post_sorted, counts, d)))
+        return einsum(out, weights, "b p k d, b p k -> b p d")
