@@ -1,0 +1,169 @@
+"""Train the embedded toy ERNIE 4.5 MoE on the synthetic corpus.
+
+The model has ERNIE 4.5's exact architecture at a laptop scale (first layer dense, the rest MoE,
+16 routed experts top-2, 2 shared experts). Experts are balanced the way ERNIE 4.5 does it,
+aux-loss free: after every step each MoE layer's ``e_score_correction_bias`` moves by ``gamma`` toward
+balance, ``bias_e += gamma * sign(mean_load - load_e)`` (Wang et al. 2024, "Auxiliary-Loss-Free Load
+Balancing Strategy for Mixture-of-Experts"); the bias only affects selection, not the mixing weights.
+An optional Switch-style auxiliary loss ``E * sum_e f_e * P_e`` can be added.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ernie_lab.config import ErnieConfig
+from ernie_lab.model import ErnieMoE
+
+TOY_SHAPE = dict(
+    hidden_size=160,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    moe_num_experts=16,
+    moe_k=2,
+    moe_num_shared_experts=2,
+    moe_intermediate_size=64,
+    moe_layer_start_index=1,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1500
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    bias_gamma: float = 1e-3  # correction-bias step per update (aux-loss-free balancing)
+    aux_loss_coef: float = 0.0  # optional auxiliary load-balancing loss on top
+    seed: int = 0
+
+
+@dataclass
+class TrainLog:
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    max_vio: list[float] = field(default_factory=list)  # mean over MoE layers of (max load - 1/E)/(1/E)
+    seconds: float = 0.0
+
+
+def toy_config(vocab_size: int, **overrides) -> ErnieConfig:
+    """The toy model's config for a tokenizer of ``vocab_size`` tokens."""
+    return ErnieConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **{**TOY_SHAPE, **overrides})
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warm-up then cosine decay to ``lr * min_lr_frac``."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sample_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``[batch seq_len+1]`` random windows of a 1-D token stream (inputs and shifted targets)."""
+    starts = torch.randint(0, stream.numel() - seq_len - 1, (batch,), generator=gen)
+    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+class _RouterTap:
+    """Hooks that record each MoE layer's selections (and probs for the aux loss) during training."""
+
+    def __init__(self, model: ErnieMoE, keep_probs: bool):
+        self.idx: dict[int, torch.Tensor] = {}
+        self.probs: dict[int, torch.Tensor] = {}
+        self.hooks = [("blocks.*.moe.hook_topk_idx", self._save_idx)]
+        if keep_probs:
+            self.hooks.append(("blocks.*.moe.hook_router_probs", self._save_probs))
+
+    def _save_idx(self, idx, hook):
+        self.idx[hook.layer] = idx.detach()
+
+    def _save_probs(self, probs, hook):
+        self.probs[hook.layer] = probs
+
+
+def _aux_loss(tap: _RouterTap, n_expert: int) -> torch.Tensor:
+    """Switch-style balance loss ``E * sum_e f_e * P_e`` averaged over MoE layers."""
+    losses = []
+    for layer, probs in tap.probs.items():
+        f = torch.bincount(tap.idx[layer].flatten(), minlength=n_expert).float()
+        f = f / f.sum()
+        losses.append(n_expert * (f * probs.mean(dim=(0, 1))).sum())
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def update_correction_bias(model: ErnieMoE, idx_by_layer: dict[int, torch.Tensor], gamma: float) -> float:
+    """``bias_e += gamma * sign(mean_load - load_e)`` per MoE layer; returns the mean MaxVio before it."""
+    vios = []
+    for layer, idx in idx_by_layer.items():
+        moe = model.blocks[layer].mlp
+        load = torch.bincount(idx.flatten(), minlength=moe.n_expert).float()
+        moe.moe_statics.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        vios.append(((load.max() - load.mean()) / load.mean()).item())
+    return sum(vios) / max(1, len(vios))
+
+
+def train(
+    model: ErnieMoE,
+    stream: torch.Tensor,
+    settings: TrainSettings = TrainSettings(),
+    progress: bool = True,
+) -> TrainLog:
+    """Train ``model`` in place on random windows of the token ``stream`` ``[n_tokens]``; returns the log.
+
+    Deterministic for a fixed seed, machine and thread count.
+    """
+    s = settings
+    if stream.numel() <= s.seq_len + 1:
+        raise ValueError(f"token stream of {stream.numel()} tokens is shorter than seq_len + 2 = {s.seq_len + 2}")
+    torch.manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "gate.weight" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "gate.weight" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
+    tap = _RouterTap(model, keep_probs=s.aux_loss_coef > 0)
+    log = TrainLog()
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(s.steps), desc="train-toy", disable=not progress)
+    with model.hooks(tap.hooks):
+        for step in bar:
+            lr = lr_at(step, s)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            window = sample_windows(stream, s.batch_size, s.seq_len, gen)
+            logits = model(window[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            total = loss + s.aux_loss_coef * _aux_loss(tap, model.config.moe_num_experts) if s.aux_loss_coef else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            vio = update_correction_bias(model, tap.idx, s.bias_gamma)
+            log.loss.append(loss.item())
+            log.lr.append(lr)
+            log.max_vio.append(vio)
+            bar.set_postfix(loss=f"{loss.item():.3f}", maxvio=f"{vio:.2f}")
+    model.eval()
+    log.seconds = time.perf_counter() - start
+    return log
