@@ -8,6 +8,11 @@ DESIGN.md §4 (``blocks.3.moe.hook_topk_idx``), independent of the checkpoint's 
 A hook is ``fn(tensor, hook) -> Tensor | None``; returning a tensor replaces the activation (same
 shape, dtype and device, else an error names the point). A backward hook is
 ``fn(grad, hook) -> Tensor | None`` and may replace the gradient flowing into the activation.
+
+Edits propagate: each point receives the value its predecessor returned. In particular the router
+(``MoE.route``) selects experts from the possibly edited ``hook_router_logits``/``hook_router_probs``,
+and an edited ``hook_topk_idx`` makes it re-gather the probs of the new experts (renormalised) before
+``hook_topk_weights``.
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ class HookPoint:
                 self._check(out, x, fn)
                 x = out
         if self.bwd and x.requires_grad:
-            x.register_hook(self._backward)
+            # bind the hooks attached now: run_with_hooks detaches them before the caller's backward()
+            fns = list(self.bwd)
+            x.register_hook(lambda grad: self._backward(grad, fns))
         return x
 
-    def _backward(self, grad: torch.Tensor) -> torch.Tensor:
-        for fn in list(self.bwd):
+    def _backward(self, grad: torch.Tensor, fns: list[HookFn]) -> torch.Tensor:
+        for fn in fns:
             out = fn(grad, self)
             if out is not None:
                 self._check(out, grad, fn)
@@ -199,7 +206,9 @@ class HookRegistry:
         store: dict[str, torch.Tensor] = {}
 
         def save(x: torch.Tensor, hook: HookPoint) -> None:
-            store[hook.name] = x.detach().to(device=device or x.device, dtype=dtype or x.dtype)
+            # dtype casts floating activations only: topk_idx stays int64
+            cast = dtype if dtype is not None and x.is_floating_point() else x.dtype
+            store[hook.name] = x.detach().to(device=device or x.device, dtype=cast)
 
         names = self.resolve_names(names_filter)
         with torch.no_grad(), self.hooks(list(fwd_hooks) + [(n, save) for n in names]):
