@@ -48,7 +48,7 @@ class TrainSettings:
     warmup: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    bias_gamma: float = 1e-3  # correction-bias step per update (aux-loss-free balancing)
+    bias_gamma: float = 2e-3  # correction-bias step per update (aux-loss-free balancing)
     aux_loss_coef: float = 0.0  # optional auxiliary load-balancing loss on top
     seed: int = 0
 
@@ -63,7 +63,9 @@ class TrainLog:
 
 def toy_config(vocab_size: int, **overrides) -> ErnieConfig:
     """The toy model's config for a tokenizer of ``vocab_size`` tokens."""
-    return ErnieConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **{**TOY_SHAPE, **overrides})
+    return ErnieConfig(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **{**TOY_SHAPE, **overrides}
+    )
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
