@@ -123,7 +123,17 @@ class ErnieConfig:
         return cls(**PRESETS[name])
 
     def replace(self, **changes: Any) -> ErnieConfig:
+        """A copy with ``changes``; an end index that meant "last layer" keeps meaning it."""
+        last = self.moe_layer_end_index == self.num_hidden_layers - 1
+        if "num_hidden_layers" in changes and "moe_layer_end_index" not in changes and last:
+            changes["moe_layer_end_index"] = -1
         return dataclasses.replace(self, **changes)
+
+    def __reduce__(self):
+        # ``extra`` is a read-only mappingproxy, which pickle/deepcopy cannot handle: rebuild from fields.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["extra"] = dict(self.extra)
+        return (_rebuild, (fields,))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` transformers writes for this model (extras kept)."""
@@ -180,6 +190,10 @@ class ErnieConfig:
             f"moe_layer_end_index={self.moe_layer_end_index} must be < num_hidden_layers="
             f"{self.num_hidden_layers} (or -1)",
         )
+
+
+def _rebuild(fields: dict[str, Any]) -> ErnieConfig:
+    return ErnieConfig(**fields)
 
 
 _21B = dict(
