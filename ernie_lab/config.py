@@ -68,10 +68,7 @@ class ErnieConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         """ERNIE 4.5 placement rule (transformers ``Ernie4_5_MoeDecoderLayer``)."""
-        return (
-            self.moe_layer_start_index <= i <= self.moe_layer_end_index
-            and (i + 1) % self.moe_layer_interval == 0
-        )
+        return self.moe_layer_start_index <= i <= self.moe_layer_end_index and (i + 1) % self.moe_layer_interval == 0
 
     @property
     def moe_layers(self) -> list[int]:

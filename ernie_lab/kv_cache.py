@@ -51,14 +51,11 @@ class KVCache:
     ) -> KVCache:
         if max_pos > config.max_position_embeddings:
             raise ValueError(
-                f"KV cache of {max_pos} positions exceeds max_position_embeddings="
-                f"{config.max_position_embeddings}"
+                f"KV cache of {max_pos} positions exceeds max_position_embeddings={config.max_position_embeddings}"
             )
         shape = (batch, config.num_key_value_heads, max_pos, config.d_head)
         layers = [
-            LayerKV(
-                torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-            )
+            LayerKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)
         ]
         return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=device))

@@ -15,6 +15,43 @@ from ernie_lab.config import ErnieConfig
 from ernie_lab.hook_points import HookPoint
 from ernie_lab.kv_cache import LayerKV
 
+# up to this many fp32 rows on the CPU, linear() multiplies row by row (decode steps)
+THIN_ROWS = 3
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [... d_in]`` and ``weight [d_out d_in]``.
+
+    A few fp32 rows on the CPU (decode steps, an expert's few tokens) are multiplied one by one as
+    ``weight @ [row; row].T``: BLAS streams the weight about twice as fast in that layout as in
+    ``x @ weight.T`` on the 2-core AMD host of BENCH.md, and a decode step is mostly weight
+    streaming. A row goes in twice because with one column BLAS takes its (slowest) matrix-vector
+    kernel; rows go one by one so that a row's rounding never depends on the rows beside it
+    (patching one position must leave the other positions' numbers alone).
+    """
+    rows = x.numel() // x.shape[-1]
+    if not (x.is_cpu and x.dtype == torch.float32 and 0 < rows <= THIN_ROWS):
+        return F.linear(x, weight, bias)
+    flat = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
+    parts = [_row_product(weight, row) for row in flat.split(1)]
+    out = parts[0] if rows == 1 else torch.cat(parts)
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def _row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``row @ weight.T`` for ``row [1 d_in]``. [row; row] is row-major, so its .T is a transposed
+    view: the fast kernel (a column-major operand takes a slower one)."""
+    return torch.mm(weight, torch.cat((row, row)).T)[:, :1].T
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and checkpoint keys) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     """``w * x / sqrt(mean(x^2) + eps)``; statistics in fp32, result cast back before the scale
@@ -37,19 +74,20 @@ def rope_angles(positions: torch.Tensor, d_head: int, theta: float) -> tuple[tor
     Frequencies ``theta ** (-2i / d_head)`` (RoFormer), computed in fp32 like transformers so the
     angles agree bit for bit.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, d_head, 2, dtype=torch.float, device=positions.device) / d_head)
-    )
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.float, device=positions.device) / d_head))
     angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs ``(x[2i], x[2i+1])`` (GLM / interleaved style) of ``x`` ``[batch pos head d_head]``."""
+    """Rotate pairs ``(x[2i], x[2i+1])`` (GLM / interleaved style) of ``x`` ``[batch pos head d_head]``.
+
+    A pair is the complex number ``x[2i] + i x[2i+1]``; multiplying by ``cos + i sin`` gives
+    ``(x0 cos - x1 sin, x1 cos + x0 sin)`` in one kernel instead of six.
+    """
     pairs = rearrange(x.float(), "b p h (half two) -> b p h half two", two=2)
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    rotation = torch.complex(cos, sin)[:, :, None, :]  # broadcast over heads
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * rotation)
     return rearrange(rotated, "b p h half two -> b p h (half two)").to(x.dtype)
 
 
@@ -64,10 +102,10 @@ class Attention(nn.Module):
         super().__init__()
         d, h, kvh, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.d_head
         self.n_head, self.n_kv_head, self.d_head, self.rope_theta = h, kvh, dh, cfg.rope_theta
-        self.q_proj = nn.Linear(d, h * dh, bias=cfg.use_bias)
-        self.k_proj = nn.Linear(d, kvh * dh, bias=cfg.use_bias)
-        self.v_proj = nn.Linear(d, kvh * dh, bias=cfg.use_bias)
-        self.o_proj = nn.Linear(h * dh, d, bias=cfg.use_bias)
+        self.q_proj = Linear(d, h * dh, bias=cfg.use_bias)
+        self.k_proj = Linear(d, kvh * dh, bias=cfg.use_bias)
+        self.v_proj = Linear(d, kvh * dh, bias=cfg.use_bias)
+        self.o_proj = Linear(h * dh, d, bias=cfg.use_bias)
         prefix = f"blocks.{layer}.attn."
         names = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")
         for n in names:
@@ -137,9 +175,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.gate_proj = Linear(d_model, d_ff, bias=bias)
+        self.up_proj = Linear(d_model, d_ff, bias=bias)
+        self.down_proj = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -20,7 +20,7 @@ from torch import nn
 from ernie_lab.config import ErnieConfig
 from ernie_lab.hook_points import HookPoint, HookRegistry
 from ernie_lab.kv_cache import KVCache, LayerKV
-from ernie_lab.layers import Attention, DenseMLP, RMSNorm, rope_angles
+from ernie_lab.layers import Attention, DenseMLP, Linear, RMSNorm, rope_angles
 from ernie_lab.moe import MoE
 
 
@@ -73,7 +73,7 @@ class ErnieMoE(HookRegistry, nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.use_bias)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.use_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hook_embed = HookPoint("hook_embed")
@@ -185,9 +185,7 @@ class ErnieMoE(HookRegistry, nn.Module):
             input_ids = input_ids[None]
             attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
         if input_ids.ndim != 2 or input_ids.numel() == 0:
-            raise ValueError(
-                f"input_ids must be [batch pos] with pos >= 1, got shape {tuple(input_ids.shape)}"
-            )
+            raise ValueError(f"input_ids must be [batch pos] with pos >= 1, got shape {tuple(input_ids.shape)}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
@@ -195,14 +193,8 @@ class ErnieMoE(HookRegistry, nn.Module):
         input_ids = input_ids.to(device=self.model.embed_tokens.weight.device, dtype=torch.long)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-                got = (
-                    tuple(attention_mask.shape)
-                    if isinstance(attention_mask, torch.Tensor)
-                    else attention_mask
-                )
-                raise ValueError(
-                    f"attention_mask shape {got} does not match input_ids shape {tuple(input_ids.shape)}"
-                )
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"attention_mask shape {got} does not match input_ids shape {tuple(input_ids.shape)}")
             if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
         if cache is not None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ernie_lab.config import ErnieConfig
 from ernie_lab.hook_points import HookPoint
-from ernie_lab.layers import SwiGLU
+from ernie_lab.layers import SwiGLU, linear
 
 
 class _Fp32Module(nn.Module):
@@ -58,11 +58,11 @@ class Experts(nn.Module):
 
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]``."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.silu(gate) * up
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.down_proj[e])
+        return linear(h, self.down_proj[e])
 
 
 def _sorted_slots(idx: torch.Tensor, n_expert: int):
@@ -82,6 +82,37 @@ def _per_expert(fn, x_sorted: torch.Tensor, counts: list[int], d_out: int) -> to
             out[start : start + c] = fn(e, x_sorted[start : start + c])
             start += c
     return out
+
+
+# up to this many (token, expert) slots an accelerator gathers expert weights instead of sorting
+GATHER_MAX_SLOTS = 16
+
+
+def _gathered_experts(ex: Experts, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Every slot's expert output ``[n topk d_model]`` for ``xs [n d_model]``, ``idx [n topk]``.
+
+    Indexes the stacked weights with the expert ids (a copy of ``topk`` experts per token) and runs
+    batched matmuls: no data-dependent shapes, so no host sync and CUDA-graph friendly.
+    """
+    gate, up = einsum(ex.gate_up_proj[idx], xs, "n k f d, n d -> n k f").chunk(2, dim=-1)
+    return einsum(ex.down_proj[idx], F.silu(gate) * up, "n k d f, n k f -> n k d")
+
+
+def _unsort(t_sorted: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert back to slot order: ``[(b p k) f]`` -> ``[b p k f]``."""
+    # the inverse permutation as a gather: index_select copies whole rows (10x faster than t[...] = ...)
+    slots = t_sorted.index_select(0, order.argsort())
+    return rearrange(slots, "(b p k) f -> b p k f", b=idx.shape[0], p=idx.shape[1])
+
+
+def _mix(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the selected experts' outputs ``[b p k d]`` -> ``[b p d]``.
+
+    One batched matmul, shared by both paths so they agree bit for bit; a scatter-add (index_add_)
+    would be simpler but runs as a multi-threaded region even for a handful of rows, which costs
+    milliseconds per call on a busy CPU.
+    """
+    return einsum(out, weights, "b p k d, b p k -> b p d")
 
 
 class MoE(nn.Module):
@@ -143,29 +174,31 @@ class MoE(nn.Module):
         return out
 
     def _routed_fast(self, x, idx, weights) -> torch.Tensor:
-        """Sort slots by expert, one matmul chain per active expert, weighted scatter-add back."""
-        b, p, d = x.shape
+        """Sort slots by expert, one matmul chain per active expert, unsort and mix.
+
+        Two decode shortcuts give the same numbers: one token on the CPU loops over its k slots
+        without sorting; a few tokens on an accelerator gather the selected experts' weights, which
+        needs no host sync (the sort needs per-expert counts on the host).
+        """
         xs = rearrange(x, "b p d -> (b p) d")
-        order, token, counts = _sorted_slots(idx, self.n_expert)
         ex = self.experts
-        out_sorted = _per_expert(lambda e, rows: ex.down(e, ex.post(e, rows)), xs[token], counts, d)
-        w_sorted = weights.flatten()[order, None]
-        routed = xs.new_zeros(b * p, d).index_add_(0, token, out_sorted * w_sorted)
-        return rearrange(routed, "(b p) d -> b p d", b=b)
+        if x.device.type != "cpu" and idx.numel() <= GATHER_MAX_SLOTS:
+            out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
+            return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
+        if xs.shape[0] == 1:
+            out = torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.flatten().tolist()])
+            return _mix(rearrange(out, "(b p k) d -> b p k d", b=1, p=1), weights)
+        order, token, counts = _sorted_slots(idx, self.n_expert)
+        rows = xs.index_select(0, token)
+        out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, counts, x.shape[-1])
+        return _mix(_unsort(out_sorted, order, idx), weights)
 
     def _routed_explicit(self, x, idx, weights) -> torch.Tensor:
         """Same maths with per-slot ``expert_post`` / ``expert_out`` materialised for hooks."""
-        b, p, d = x.shape
         xs = rearrange(x, "b p d -> (b p) d")
         order, token, counts = _sorted_slots(idx, self.n_expert)
-
-        def unsort(t_sorted: torch.Tensor) -> torch.Tensor:
-            slots = torch.empty_like(t_sorted)
-            slots[order] = t_sorted
-            return rearrange(slots, "(b p k) f -> b p k f", b=b, p=p)
-
-        post = unsort(_per_expert(self.experts.post, xs[token], counts, self.d_expert))
+        post = _unsort(_per_expert(self.experts.post, xs.index_select(0, token), counts, self.d_expert), order, idx)
         post = self.hook_expert_post(post)
-        post_sorted = rearrange(post, "b p k f -> (b p k) f")[order]
-        out = self.hook_expert_out(unsort(_per_expert(self.experts.down, post_sorted, counts, d)))
-        return einsum(out, weights, "b p k d, b p k -> b p d")
+        post_sorted = rearrange(post, "b p k f -> (b p k) f").index_select(0, order)
+        out = _unsort(_per_expert(self.experts.down, post_sorted, counts, x.shape[-1]), order, idx)
+        return _mix(self.hook_expert_out(out), weights)
