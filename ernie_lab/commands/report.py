@@ -1,0 +1,37 @@
+"""``ernie-lab report [SPEC] --out DIR [--quick]``: run the analyses of a YAML/TOML spec and write a
+self-contained report folder (index.html, figures/, tables/, manifest.json).
+
+Without SPEC the packaged default spec runs: a tour of every analysis on the embedded toy model.
+``--quick`` applies the spec's ``quick`` overrides (smaller datasets, fewer layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="run analyses from a spec file and write an HTML/PNG/CSV report folder",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("spec", metavar="SPEC", nargs="?", default=None, help="YAML or TOML spec (default: the tour)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder to write (replaced atomically)")
+    parser.add_argument("--quick", action="store_true", help="apply the spec's quick overrides for a fast run")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ernie_lab.report import run_report
+    from ernie_lab.report_spec import SpecError
+
+    try:
+        out = run_report(args.spec, args.out, quick=args.quick, progress=not args.no_progress)
+    except (SpecError, FileNotFoundError, FileExistsError) as err:
+        print(f"ernie-lab report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report written to {out / 'index.html'}")
+    return 0

@@ -1,0 +1,220 @@
+"""Write the tutorial notebooks of this folder (without outputs): ``python notebooks/make_notebooks.py``.
+
+The notebooks are thin: each code cell calls the library in a few lines, each markdown cell says
+what the next output shows. Edit the cells here and rerun, so the committed JSON stays clean (no
+outputs, no execution counts, stable cell ids).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+
+def setup(*imports: str) -> str:
+    """The first code cell of notebooks 02-04: ``imports`` (e.g. "import torch"), then the toy model."""
+    head = "".join(line + "\n" for line in imports) + ("\n" if imports else "")
+    return (
+        head + "import ernie_lab as el\nfrom ernie_lab.toy.prompts import load_prompt_set\n\n"
+        'model = el.load_model("toy")\ntok = el.load_tokenizer("toy")\n'
+        "L = model.config.moe_layers[0]  # the first MoE layer; any of model.config.moe_layers works\n"
+        "model.config.moe_layers"
+    )
+
+
+QUICKSTART = [
+    "# 01 · Quickstart\n\nLoad the embedded toy ERNIE 4.5 MoE model and its tokenizer, generate text, chat, cache "
+    "activations and look at how one prompt is routed. The toy model has the real architecture (GQA attention, "
+    "interleaved RoPE, routed + shared experts, correction-biased top-k routing) at a tiny size.",
+    'import torch\n\nimport ernie_lab as el\n\nmodel = el.load_model("toy")\ntok = el.load_tokenizer("toy")\n'
+    "model.config",
+    "The tokenizer adds no BOS token; `convert_ids_to_tokens` gives readable pieces.",
+    'ids = tok.encode("The capital of Veloria is")\ntok.convert_ids_to_tokens(ids)',
+    "## Generate\nGreedy decoding (`temperature=0.0`) of a few tokens after the prompt.",
+    "out = model.generate(torch.tensor([ids]), max_new_tokens=8, temperature=0.0)\ntok.decode(out[0, len(ids):])",
+    "## Chat\n`el.chat` renders the ERNIE chat template, generates until the end-of-turn token and returns the reply.",
+    'el.chat(model, tok, "What is the capital of Veloria?", max_new_tokens=24)',
+    "## Cache activations\n`run_with_cache` returns the logits and every hook point's activation "
+    "(or those a `names_filter` selects). Here: which experts each token of the prompt chose in the first MoE layer.",
+    "logits, cache = model.run_with_cache(torch.tensor([ids]))\nL = model.config.moe_layers[0]\n"
+    'logits.shape, cache[f"blocks.{L}.moe.hook_topk_idx"][0]',
+    "## Routing of one prompt\nOne row per (MoE layer, token, top-k slot): the expert, its mixing weight and its "
+    "router probability.",
+    "from ernie_lab.widgets import routing_html, routing_table\n\n"
+    'table = routing_table(model, tok, "The capital of Veloria is Mirren. 12+7=19")\ntable.head(8)',
+    "Each token coloured by its top expert in the first MoE layer (hover for the top-k weights).",
+    "from IPython.display import HTML\n\nHTML(routing_html(table, layer=L, n_experts=model.config.moe_num_experts))",
+    "## Hook points\nEvery hook point in forward order with its activation shape for this prompt. Hook functions "
+    "`fn(tensor, hook)` attach to these names (`run_with_hooks`, `model.hooks(...)`).",
+    "import pandas as pd\n\n"
+    'pd.DataFrame({"hook": name, "shape": tuple(cache[name].shape)} for name in model.hook_names())',
+]
+
+ROUTING = [
+    "# 02 · Routing statistics\n\nWhat the routers do on held-out documents of the six toy domains: expert load and "
+    "balance, router entropy, co-activation, and which experts specialise in which domain or token. Formulas: "
+    "`ANALYSES.md`.",
+    setup("import pandas as pd"),
+    "A few documents per domain; `collect_routing` records every MoE layer's router on each real token.",
+    'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(8)\n'
+    "r = el.routing.collect_routing(model, docs.text.tolist(), tok, groups=docs.domain.tolist(), progress=False)\nr",
+    "**Load**: the share of routing slots each expert receives (white = uniform, 1/E).",
+    "load = el.routing.expert_load(r)\nel.routing.plot_load_heatmap(load)",
+    "**Balance** per layer: coefficient of variation and max violation of the load (0 = perfectly even), and the "
+    "load entropy (1 = even).",
+    "el.routing.balance(r)",
+    "**Router entropy** per token, normalised by log E (1 = the router cannot decide).",
+    "el.routing.plot_entropy_by_layer(el.routing.router_entropy(r))",
+    "**Co-activation**: of the tokens routed to expert i (row), the share also routed to expert j.",
+    "el.routing.plot_coactivation(el.routing.coactivation(r, layer=L))",
+    "**Domain specialisation**: lift = how much more often than uniform a domain's tokens go to an expert.",
+    "spec = el.routing.domain_specialisation(r)\nel.routing.plot_specialisation(spec, layer=L)",
+    "**Vocabulary specialisation**: per expert, the tokens it receives most often relative to its load.",
+    'el.routing.vocab_specialisation(r, tok, min_count=3, top=3).query("layer == @L").head(12)',
+    "**Shared vs routed**: output norms of the shared experts and of the routed mixture, and their cosine.",
+    "el.routing.shared_vs_routed(r)",
+    "## Explore\nType a text, move the layer slider: tokens are coloured by their top expert.",
+    "el.widgets.routing_explorer(model, tok)",
+]
+
+PATCHING = [
+    '# 03 · Activation patching\n\nClean/corrupted prompt pairs differ in one entity ("the capital of Pellune is" '
+    'vs "... of Gorvast is"). Denoising runs the corrupted prompt and restores one activation from the clean run; '
+    "the normalised effect is 1 when that alone restores the clean logit difference, 0 when it does nothing.",
+    setup(),
+    "A batch of recall pairs of equal token length; the metric is logit(answer) - logit(distractor) at the last token.",
+    'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=4)\n'
+    "setup = el.patching.PatchingSetup(model, batch.clean, batch.corrupt, batch.metric(), tokenizer=tok, "
+    "progress=False)\nsetup.m_clean, setup.m_corrupt",
+    "**Residual stream**: patch `hook_resid_pre` at one (layer, position).",
+    'resid = setup.residual("resid_pre")\nel.patching.plot_patching_heatmap(resid)',
+    "**Attention heads**: patch one head's output (`hook_z`) at every position.",
+    "el.patching.plot_head_grid(setup.heads())",
+    "**Routing patching**: the corrupted run takes the clean run's expert choice and weights in one MoE layer "
+    '("which experts ran").',
+    "setup.routing()",
+    "**Expert-output patching**: one expert's output taken from the clean run where it runs in both "
+    '("what it computed").',
+    'setup.experts(layers=[L]).sort_values("effect", ascending=False).head(5)',
+    "**Attribution patching** estimates the whole residual grid from one backward pass; points near the dashed line "
+    "agree with exact patching.",
+    'attr = setup.attribution("resid_pre")\nel.patching.plot_attribution_vs_exact(resid, attr)',
+    "## Explore\nPick the value column to draw.",
+    "el.widgets.patching_viewer(resid)",
+]
+
+ABLATION = [
+    "# 04 · Expert ablation\n\nRemove experts and measure the change in next-token loss: zero ablation (weight 0), "
+    "reroute ablation (the token's next-best expert takes over) and mean ablation (the expert's mean output).",
+    setup("import pandas as pd", "import torch"),
+    'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(2)\ntexts = docs.text.tolist()',
+    "**Importance**: Δloss when each expert of one layer is ablated alone, with its load (dots).",
+    "imp = el.ablation.expert_importance(model, texts, layers=[L], tokenizer=tok, progress=False)\n"
+    "el.ablation.plot_importance(imp, layer=L)",
+    "**Pruning curve**: ablate the least important experts together, more and more of them.",
+    "curve = el.ablation.pruning_curve(\n    model, texts, L, importance=imp, steps=[0, 4, 8, 12, 16], tokenizer=tok, "
+    "progress=False\n)\nel.ablation.plot_pruning_curve(curve)",
+    "**Per domain**: the two most important experts rerouted together, Δloss by domain.",
+    'top2 = imp.query("rank <= 2").expert.tolist()\n'
+    "el.ablation.ablation_effect(\n"
+    '    model, texts, {L: top2}, mode="reroute", groups=docs.domain.tolist(), tokenizer=tok, progress=False\n)',
+    "**Recipes**: the files in `hooks/` build the same interventions for any run, e.g. generation with the two "
+    "experts zero-ablated.",
+    'hooks = el.interventions.load_recipe("ablate_experts").make_hooks(model, experts={L: top2}, mode="zero")\n'
+    'ids = torch.tensor([tok.encode("The capital of Veloria is")])\n'
+    "tok.decode(model.generate(ids, max_new_tokens=6, fwd_hooks=hooks)[0, ids.shape[1]:])",
+    "**Direct logit attribution** of each component to the logit difference of a recall prompt.",
+    'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=1)\n'
+    "dla = el.ablation.direct_logit_attribution(model, batch.clean, batch.answer, batch.distractor)\n"
+    "el.ablation.plot_dla(dla)",
+    "## Explore\nChoose experts and a mode, press run.",
+    "el.widgets.ablation_explorer(model, tok, texts[:4])",
+    "The same analyses as a reproducible report folder (HTML, PNG, CSV, manifest): "
+    "`ernie-lab report --out toy-report` (add `--quick` for a fast run, or pass your own YAML/TOML spec).",
+]
+
+REAL_21B = [
+    "# 05 · ERNIE-4.5-21B-A3B on a GPU\n\nThe analyses of notebooks 02–04 on the released "
+    "`baidu/ERNIE-4.5-21B-A3B-PT` (28 layers, 64 routed experts, top-6, 2 shared experts).\n\n"
+    '**Needs**: CUDA GPU(s) with about 48 GB of memory in total (the bf16 weights are about 42 GB; `device="auto"` '
+    "spreads the layers over the visible GPUs), and the weights: a local copy of the hub repo whose path is in the "
+    "environment variable `ERNIE_LAB_21B`, or network access to download the hub id. Without them this notebook "
+    "says what is missing and every later cell does nothing, so it still runs to the end.",
+    "import os\n\nimport pandas as pd\nimport torch\n\nimport ernie_lab as el\n"
+    "from ernie_lab.toy.prompts import load_prompt_set\n\n"
+    'SRC = os.environ.get("ERNIE_LAB_21B", "baidu/ERNIE-4.5-21B-A3B-PT")\nMIN_GPU_GB = 45\n'
+    "gpu_gb = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())) / 2**30\n"
+    "READY = torch.cuda.is_available() and gpu_gb >= MIN_GPU_GB\n"
+    "if not READY:\n"
+    '    print(f"Skipping: needs CUDA GPUs with >= {MIN_GPU_GB} GB in total (found {gpu_gb:.0f} GB) and the weights "\n'
+    '          f"of {SRC} (set ERNIE_LAB_21B to a local copy).")',
+    "Load in bf16, spread over the GPUs. A missing checkpoint (no local copy, no network) is reported, not raised.",
+    "if READY:\n    try:\n"
+    '        model = el.load_model(SRC, dtype="bfloat16", device="auto")\n'
+    "        tok = el.load_tokenizer(SRC)\n"
+    "    except (FileNotFoundError, RuntimeError) as err:\n"
+    '        print(f"Skipping: cannot load {SRC}: {err}")\n'
+    "        READY = False\n"
+    "if READY:\n    L = model.config.moe_layers[len(model.config.moe_layers) // 2]  # a middle MoE layer\n"
+    "    print(model.config.num_hidden_layers, model.config.moe_num_experts, model.config.moe_k)",
+    "## Routing statistics\nLoad per layer and expert, and domain specialisation in a middle layer.",
+    "if READY:\n"
+    '    docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(16)\n'
+    "    r = el.routing.collect_routing(model, docs.text.tolist(), tok, groups=docs.domain.tolist(), batch_size=8)\n"
+    "    display(el.routing.balance(r))\n"
+    "    display(el.routing.plot_load_heatmap(el.routing.expert_load(r)))\n"
+    "    display(el.routing.plot_specialisation(el.routing.domain_specialisation(r), layer=L, top=24))",
+    "## Activation patching\nRecall pairs whose clean and corrupted prompts have equal length under the ERNIE "
+    "tokenizer; residual-stream grid and attribution patching against it.",
+    "if READY:\n"
+    '    batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=8)\n'
+    "    setup = el.patching.PatchingSetup(model, batch.clean, batch.corrupt, batch.metric(), tokenizer=tok)\n"
+    '    resid = setup.residual("resid_pre")\n'
+    "    display(el.patching.plot_patching_heatmap(resid))\n"
+    '    display(el.patching.plot_attribution_vs_exact(resid, setup.attribution("resid_pre")))\n'
+    "    display(setup.routing())",
+    "## Expert ablation\nImportance of the 64 experts of the middle layer, and direct logit attribution.",
+    "if READY:\n"
+    '    texts = docs.groupby("domain").head(2).text.tolist()\n'
+    "    imp = el.ablation.expert_importance(model, texts, layers=[L], tokenizer=tok)\n"
+    "    display(el.ablation.plot_importance(imp, layer=L, top=24))\n"
+    "    dla = el.ablation.direct_logit_attribution(model, batch.clean[:1], batch.answer[:1], batch.distractor[:1])\n"
+    "    display(el.ablation.plot_dla(dla))",
+]
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": QUICKSTART,
+    "02_routing_statistics.ipynb": ROUTING,
+    "03_activation_patching.ipynb": PATCHING,
+    "04_expert_ablation.ipynb": ABLATION,
+    "05_real_21b_gpu.ipynb": REAL_21B,
+}
+
+
+def build(cells: list[str]) -> nbformat.NotebookNode:
+    """A notebook of ``cells``: a cell whose first character is ``#``, ``*`` or a capital letter is
+    markdown, any other is code. Cell ids are stable so regenerating changes nothing."""
+    nb = new_notebook()
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    for i, source in enumerate(cells):
+        markdown = source[:1] in "#*" or source[:1].isupper()
+        cell = new_markdown_cell(source) if markdown else new_code_cell(source)
+        cell["id"] = f"cell-{i:02d}"
+        nb.cells.append(cell)
+    return nb
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(build(cells), HERE / name)
+
+
+if __name__ == "__main__":
+    main()

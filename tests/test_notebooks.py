@@ -1,0 +1,56 @@
+"""The tutorial notebooks run top to bottom on the CPU and are committed without outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = (
+    "01_quickstart.ipynb",
+    "02_routing_statistics.ipynb",
+    "03_activation_patching.ipynb",
+    "04_expert_ablation.ipynb",
+    "05_real_21b_gpu.ipynb",
+)
+CELL_TIMEOUT_S = 300
+
+
+def test_every_notebook_is_there():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_committed_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, f"{name} has no code cell"
+    for cell in code:
+        assert cell.outputs == [], f"{name}: a cell has outputs: {cell.source[:60]!r}"
+        assert cell.execution_count is None, f"{name}: a cell has an execution count: {cell.source[:60]!r}"
+    assert "widgets" not in nb.metadata, f"{name}: saved widget state in the metadata"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "starts with a title"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_runs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()  # raises CellExecutionError naming the failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    if name == "05_real_21b_gpu.ipynb":
+        import torch
+
+        if not torch.cuda.is_available():  # it must say what it needs instead of failing
+            text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+            assert "Skipping" in text and "GB" in text
+    else:
+        assert any(o.output_type in ("display_data", "execute_result") for o in outputs), "no result shown"
