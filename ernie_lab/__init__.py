@@ -27,6 +27,7 @@ _EXPORTS = {
     "CheckpointError": "ernie_lab.weights",
     "load_tokenizer": "ernie_lab.tokenizer",
     "chat": "ernie_lab.generate",
+    "count_params": "ernie_lab.params",
 }
 _MODULES = ("interventions", "routing", "patching", "ablation", "report", "widgets", "toy")
 

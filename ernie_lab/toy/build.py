@@ -29,16 +29,35 @@ from ernie_lab.toy.train import TrainSettings, toy_config, train
 from ernie_lab.weights import save_model
 
 DEFAULT_N_DOCS = 30000
+GENERATION_PROMPT = "Assistant: "  # what format_chat(..., add_generation_prompt=True) ends with
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}
 
 
+def _segments(text: str) -> list[str]:
+    """Split a chat after every generation prompt ``"Assistant: "``.
+
+    At inference the rendered prompt ends in ``"Assistant: "`` and is encoded on its own, so its
+    trailing space is a token of its own; encoding the whole chat at once would merge that space
+    into the reply's first word and the model would never see the inference-time token sequence.
+    """
+    pieces = text.split(GENERATION_PROMPT)
+    return [p + GENERATION_PROMPT for p in pieces[:-1]] + [pieces[-1]]
+
+
 def token_stream(tokenizer, docs: list[dict]) -> torch.Tensor:
-    """All documents encoded and joined by ``</s>`` into one 1-D stream ``[n_tokens]``."""
+    """All documents encoded and joined by ``</s>`` into one 1-D stream ``[n_tokens]``.
+
+    Chats are encoded segment by segment (see ``_segments``), exactly as ``chat()`` encodes them.
+    """
     eos = tokenizer.eos_token_id
-    encoded = tokenizer.tokenizer.encode_batch([d["text"] for d in docs], add_special_tokens=False)
+    segments = [_segments(d["text"]) if d["domain"] == "chat" else [d["text"]] for d in docs]
+    flat = tokenizer.tokenizer.encode_batch([s for doc in segments for s in doc], add_special_tokens=False)
     ids: list[int] = []
-    for enc in encoded:
-        ids.extend(enc.ids)
+    at = 0
+    for doc in segments:
+        for enc in flat[at : at + len(doc)]:
+            ids.extend(enc.ids)
+        at += len(doc)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -158,6 +177,11 @@ this project; not derived from Baidu's weights.
 {_md(nll.merge(shuffled, on=["domain", "n_tokens"], suffixes=("", "_shuffled")))}
 
 ## Task accuracy (greedy, exact answer), data/prompts/tasks.jsonl
+`recall` and `chat` ask trained facts in phrasings training never used; `ioi` uses places training
+never used; `arithmetic` asks one-digit sums and differences and the times table, which the corpus
+teaches like facts; `arithmetic_2digit` asks two-digit problems training never shows, i.e. whether the
+model learned to add rather than to recall.
+
 {_md(acc)}
 
 ## Expert balance (mean over MoE layers)

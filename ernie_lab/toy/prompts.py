@@ -3,16 +3,19 @@
 - ``domains.jsonl``: ``{"domain", "text"}``, held-out documents of every domain (routing
   specialisation by domain);
 - ``tasks.jsonl``: ``{"task", "kind", "prompt", "answer"}`` for the tasks ``arithmetic``,
-  ``recall``, ``ioi`` and ``chat``; ``answer`` is the exact continuation of ``prompt``;
+  ``arithmetic_2digit``, ``recall``, ``ioi`` and ``chat``; ``answer`` is the exact continuation of
+  ``prompt``;
 - ``patching_pairs.jsonl``: ``{"task", "kind", "clean", "corrupt", "answer", "distractor"}``;
   clean and corrupt differ in one entity, have the same token length, and ``answer`` /
   ``distractor`` (the clean and the corrupt continuation) are single tokens of the toy tokenizer.
 
 What is held out: recall prompts use phrasings never used in training
 (``HELDOUT_FACT_TEMPLATES``, ``HELDOUT_QUESTIONS``) about the trained facts; indirect-object
-prompts use places the training sentences never use; arithmetic task prompts are two-digit
-problems kept out of training (``is_heldout_problem``). The single-digit sums of the arithmetic
-patching pairs are in training, like a times table: patching studies how they are computed.
+prompts use places the training sentences never use; ``arithmetic_2digit`` prompts are two-digit
+problems kept out of training (``is_heldout_problem``), a test of generalisation the toy model
+mostly fails (see its model card). The ``arithmetic`` task and the arithmetic patching pairs use
+one-digit sums and differences and the times table, which the corpus teaches like facts: the
+prompts are new lines, the problems are not, and patching studies how they are recalled.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ernie_lab.toy.domains import format_problem, sample_problem, solve
 from ernie_lab.toy.english import HELDOUT_FACT_TEMPLATES, IOI_FRAMES, IOI_HELDOUT_PLACES
 from ernie_lab.toy.world import FACTS, OBJECTS, WORLD
 
-TASKS: tuple[str, ...] = ("arithmetic", "recall", "ioi", "chat")
+TASKS: tuple[str, ...] = ("arithmetic", "arithmetic_2digit", "recall", "ioi", "chat")
 PATCHING_TASKS: tuple[str, ...] = ("recall", "ioi", "arithmetic")
 PROMPT_FILES: tuple[str, ...] = ("domains.jsonl", "tasks.jsonl", "patching_pairs.jsonl")
 _NAMES = tuple(p.name for p in WORLD.people)
@@ -48,9 +51,22 @@ def _ioi_prompt(frame: str, a: str, b: str, giver: str, place: str, obj: str) ->
 
 
 def _arithmetic_task(rng: random.Random) -> dict[str, str]:
+    """A one-digit sum or difference, or a times-table product, after one solved problem."""
+    op = rng.choice("+-*")
+    top = 12 if op == "*" else 9
+    a, b = rng.randint(0, top), rng.randint(0, top)
+    if op == "-" and b > a:
+        a, b = b, a
+    context = format_problem(rng.randint(1, 9), "+", rng.randint(1, 9))
+    prompt = f"{context} {format_problem(a, op, b, with_answer=False)}"
+    return {"task": "arithmetic", "kind": _OP_KIND[op], "prompt": prompt, "answer": str(solve(a, op, b))}
+
+
+def _arithmetic_2digit_task(rng: random.Random) -> dict[str, str]:
+    """A problem with a two-digit operand that training never shows: does the model add, or recall?"""
     a, op, b = sample_problem(rng, heldout=True)
     prompt = format_problem(a, op, b, with_answer=False)
-    return {"task": "arithmetic", "kind": _OP_KIND[op], "prompt": prompt, "answer": str(solve(a, op, b))}
+    return {"task": "arithmetic_2digit", "kind": _OP_KIND[op], "prompt": prompt, "answer": str(solve(a, op, b))}
 
 
 def _recall_task(rng: random.Random, relation: str) -> dict[str, str]:
@@ -82,6 +98,7 @@ def task_prompts(seed: int = 0, n_per_task: int = 60) -> list[dict[str, str]]:
     relations = tuple(FACTS)
     makers = {
         "arithmetic": lambda i: _arithmetic_task(rng),
+        "arithmetic_2digit": lambda i: _arithmetic_2digit_task(rng),
         "recall": lambda i: _recall_task(rng, relations[i % len(relations)]),
         "ioi": lambda i: _ioi_task(rng),
         "chat": lambda i: _chat_task(rng, relations[i % len(relations)]),

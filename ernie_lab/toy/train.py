@@ -40,7 +40,7 @@ TOY_SHAPE = dict(
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
