@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from ernie_lab.sources import data_dir, toy_dir
+from ernie_lab.tokenizer import load_tokenizer
 from ernie_lab.toy import (
     DOMAINS,
     PATCHING_TASKS,
@@ -23,6 +24,8 @@ from ernie_lab.toy import (
     prompt_sets,
     training_corpus,
 )
+from ernie_lab.toy.build import token_stream
+from ernie_lab.toy.chat import chat_segments
 from ernie_lab.toy.domains import is_heldout_problem
 from ernie_lab.toy.prompts import PROMPT_FILES, to_jsonl
 from ernie_lab.toy.tokenizer_train import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
@@ -187,3 +190,18 @@ def test_transformers_autotokenizer_loads_the_toy_tokenizer(tok):
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == format_chat(
         messages, add_generation_prompt=True
     )
+
+
+def test_chats_are_encoded_as_at_inference():
+    """The training stream encodes a chat the way ``chat()`` does: the rendered prompt up to
+    "Assistant: " on its own, then the reply; encoded whole, the trailing space would merge."""
+    tok = load_tokenizer("toy")
+    user = [{"role": "user", "content": "What is 2+3?"}]
+    reply = "The answer is 5."
+    prompt = format_chat(user, add_generation_prompt=True)
+    text = format_chat(user + [{"role": "assistant", "content": reply}])
+    stream = token_stream(tok, [{"domain": "chat", "text": text}]).tolist()
+    expected = tok.encode(prompt) + tok.encode(reply + "<|end_of_sentence|>") + [tok.eos_token_id]
+    assert stream == expected
+    assert tok.encode(text) != expected[:-1]  # whole-text encoding differs: the split matters
+    assert "".join(chat_segments(text)) == text

@@ -20,6 +20,7 @@ from ernie_lab.model import ErnieMoE
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import plot_specialisation
 from ernie_lab.tokenizer import load_tokenizer
+from ernie_lab.toy.chat import chat_segments
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS as TOKENIZER_N_DOCS
 from ernie_lab.toy.corpus import training_corpus
 from ernie_lab.toy.evaluate import heldout_nll, routing_report, summary_line, task_accuracy
@@ -29,28 +30,16 @@ from ernie_lab.toy.train import TrainSettings, toy_config, train
 from ernie_lab.weights import save_model
 
 DEFAULT_N_DOCS = 30000
-GENERATION_PROMPT = "Assistant: "  # what format_chat(..., add_generation_prompt=True) ends with
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}
-
-
-def _segments(text: str) -> list[str]:
-    """Split a chat after every generation prompt ``"Assistant: "``.
-
-    At inference the rendered prompt ends in ``"Assistant: "`` and is encoded on its own, so its
-    trailing space is a token of its own; encoding the whole chat at once would merge that space
-    into the reply's first word and the model would never see the inference-time token sequence.
-    """
-    pieces = text.split(GENERATION_PROMPT)
-    return [p + GENERATION_PROMPT for p in pieces[:-1]] + [pieces[-1]]
 
 
 def token_stream(tokenizer, docs: list[dict]) -> torch.Tensor:
     """All documents encoded and joined by ``</s>`` into one 1-D stream ``[n_tokens]``.
 
-    Chats are encoded segment by segment (see ``_segments``), exactly as ``chat()`` encodes them.
+    Chats are encoded segment by segment (``chat_segments``), exactly as ``chat()`` encodes them.
     """
     eos = tokenizer.eos_token_id
-    segments = [_segments(d["text"]) if d["domain"] == "chat" else [d["text"]] for d in docs]
+    segments = [chat_segments(d["text"]) if d["domain"] == "chat" else [d["text"]] for d in docs]
     flat = tokenizer.tokenizer.encode_batch([s for doc in segments for s in doc], add_special_tokens=False)
     ids: list[int] = []
     at = 0

@@ -16,6 +16,7 @@ from ernie_lab.toy.world import FACTS
 
 CLS_TOKEN = "<|begin_of_sentence|>"
 SEP_TOKEN = "<|end_of_sentence|>"
+GENERATION_PROMPT = "Assistant: "
 
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "你是一个乐于助人的助手。")
 TRAIN_QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -59,8 +60,19 @@ def format_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool =
         else:
             raise ValueError(f"unknown chat role {role!r}; expected system, user or assistant")
     if add_generation_prompt:
-        parts.append("Assistant: ")
+        parts.append(GENERATION_PROMPT)
     return "".join(parts)
+
+
+def chat_segments(text: str) -> list[str]:
+    """A rendered chat split after every ``"Assistant: "``, to be encoded piece by piece.
+
+    At inference the rendered prompt ends in ``"Assistant: "`` and is encoded on its own, so its
+    trailing space is a token of its own; encoding a whole chat at once would merge that space into
+    the reply's first word, a token sequence the model would then never meet when it answers.
+    """
+    pieces = text.split(GENERATION_PROMPT)
+    return [p + GENERATION_PROMPT for p in pieces[:-1]] + [pieces[-1]]
 
 
 def recall_answer(relation: str, subject: str) -> str:
