@@ -53,6 +53,19 @@ def save_hf_checkpoint(directory: Path, std: float = 0.2, seed: int = 0, **overr
     return model
 
 
+def tiny_model(bias_std: float = 0.1):
+    """Our ``tiny`` preset, seed 0, peaked logits (init range 0.2), in eval mode; with ``bias_std``
+    a random correction bias, so biased selection differs from the unbiased top-k."""
+    from ernie_lab import ErnieConfig, ErnieMoE
+
+    torch.manual_seed(0)
+    model = ErnieMoE(ErnieConfig.preset("tiny").replace(initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for L in model.config.moe_layers if bias_std else ():
+            model.blocks[L].mlp.moe_statics.e_score_correction_bias.normal_(0.0, bias_std)
+    return model
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """(directory, transformers model) of a default tiny checkpoint."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from ernie_lab import interventions as iv
-from ernie_lab.config import ErnieConfig
 from ernie_lab.hook_points import HookError
 from ernie_lab.model import ErnieMoE
 
@@ -16,12 +16,7 @@ BATCH, POS = 2, 7
 
 @pytest.fixture(scope="module")
 def model() -> ErnieMoE:
-    torch.manual_seed(0)
-    m = ErnieMoE(ErnieConfig.preset("tiny").replace(initializer_range=0.2)).eval()
-    with torch.no_grad():
-        for L in m.config.moe_layers:
-            m.blocks[L].mlp.moe_statics.e_score_correction_bias.normal_(0.0, 0.1)
-    return m
+    return tiny_model(bias_std=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from ernie_lab import interventions as iv
-from ernie_lab.config import ErnieConfig
 from ernie_lab.model import ErnieMoE
 
 RECIPES = ("ablate_experts", "force_routing", "steer_residual", "freeze_router")
@@ -15,8 +15,7 @@ BATCH, POS = 2, 6
 
 @pytest.fixture(scope="module")
 def model() -> ErnieMoE:
-    torch.manual_seed(0)
-    return ErnieMoE(ErnieConfig.preset("tiny").replace(initializer_range=0.2)).eval()
+    return tiny_model(bias_std=0.0)
 
 
 @pytest.fixture(scope="module")
