@@ -185,11 +185,10 @@ def _decode_step_time(model, sizes: BenchSizes, repeats: int, device: str) -> fl
     from ernie_lab.kv_cache import KVCache
 
     ids = torch.randint(0, model.config.vocab_size, (1, sizes.prompt_tokens), device=device)
-    dtype = model.model.embed_tokens.weight.dtype
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
-            cache = KVCache.allocate(model.config, 1, sizes.prompt_tokens + 2, dtype=dtype, device=device)
+            cache = KVCache.for_model(model, 1, sizes.prompt_tokens + 2)
             model.forward_unchecked(ids, None, cache)
             _sync(device)
             start = time.perf_counter()

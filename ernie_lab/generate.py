@@ -187,8 +187,7 @@ def _decode_loop(
     seen = None
     if repetition_penalty is not None:
         seen = token_presence(input_ids, model.config.vocab_size, attention_mask)
-    dtype = model.model.embed_tokens.weight.dtype
-    cache = KVCache.allocate(model.config, batch, prompt + max_new_tokens, dtype=dtype, device=device)
+    cache = KVCache.for_model(model, batch, prompt + max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     texts: list[list[int]] = [[] for _ in range(batch)]  # generated ids per row, for stop strings
     with model.hooks(fwd_hooks), tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress) as bar:

@@ -8,6 +8,8 @@ rotary position (``next_position``, so padded rows continue at their own offsets
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ernie_lab.config import ErnieConfig
@@ -47,18 +49,34 @@ class KVCache:
         batch: int,
         max_pos: int,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
+        device: torch.device | str | Sequence[torch.device | str] | None = None,
     ) -> KVCache:
+        """Zeroed keys and values for ``max_pos`` positions. ``device`` is one device for every layer,
+        or one per layer (a model spread over devices); the bookkeeping lives on the first."""
         if max_pos > config.max_position_embeddings:
             raise ValueError(
                 f"KV cache of {max_pos} positions exceeds max_position_embeddings={config.max_position_embeddings}"
             )
+        n_layer = config.num_hidden_layers
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * n_layer
+        if len(devices) != n_layer:
+            raise ValueError(f"{len(devices)} cache devices given for {n_layer} layers")
         shape = (batch, config.num_key_value_heads, max_pos, config.d_head)
         layers = [
-            LayerKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)
+            LayerKV(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
+            for d in devices
         ]
-        return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=device))
+        return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=devices[0]))
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_pos: int) -> KVCache:
+        """A cache in ``model``'s dtype with each layer on the device of its decoder layer, and the
+        bookkeeping on the embedding's device (where the input ids and positions live)."""
+        devices = [block.input_layernorm.weight.device for block in model.blocks]
+        cache = cls.allocate(model.config, batch, max_pos, model.model.embed_tokens.weight.dtype, devices)
+        home = model.model.embed_tokens.weight.device
+        cache.key_mask, cache.next_position = cache.key_mask.to(home), cache.next_position.to(home)
+        return cache
 
     @property
     def capacity(self) -> int:

@@ -195,8 +195,14 @@ class ErnieMoE(HookRegistry, nn.Module):
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
                 raise ValueError(f"attention_mask shape {got} does not match input_ids shape {tuple(input_ids.shape)}")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+            if bad.numel():
+                raise ValueError(
+                    f"attention_mask must contain only 0 (padding) and 1 (real token), found {bad[0].item()}"
+                )
+            empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"attention_mask rows {empty} have no real token (all 0)")
         if cache is not None:
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache batch {cache.batch} != input batch {input_ids.shape[0]}")

@@ -156,10 +156,20 @@ class MoE(nn.Module):
         # select on bias-corrected scores (aux-loss-free balancing), ...
         scores = probs + self.moe_statics.e_score_correction_bias.squeeze(0)
         idx = self.hook_topk_idx(scores.topk(self.k, dim=-1).indices)
+        if self.hook_topk_idx.active:  # a hook may have re-routed: only then check (a host sync)
+            self._check_expert_ids(idx)
         # ... but weight by the unbiased probabilities of the chosen experts, renormalised
         weights = probs.gather(-1, idx)
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
         return idx, self.hook_topk_weights(weights)
+
+    def _check_expert_ids(self, idx: torch.Tensor) -> None:
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"{self.hook_topk_idx.name} must hold integer expert ids, got dtype {idx.dtype}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.n_expert:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{self.hook_topk_idx.name}: expert id {bad} is outside [0, {self.n_expert})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)

@@ -11,6 +11,7 @@ from conftest import save_hf_checkpoint
 
 from ernie_lab.cli import main
 from ernie_lab.generate import chat, generate, stream
+from ernie_lab.kv_cache import KVCache
 from ernie_lab.weights import load_model
 
 VOCAB = 128  # conftest.TINY_HF
@@ -81,6 +82,20 @@ def test_cached_decode_logits_equal_full_forward(model):
     assert len(steps) == 8  # prefill + 7 decode steps (the last token is never fed back)
     for i, step_logits in enumerate(steps):
         torch.testing.assert_close(step_logits, full[:, 4 + i], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_follows_the_layers_devices(model):
+    """A model spread over devices gets each layer's keys and values on that layer's device."""
+    n = model.config.num_hidden_layers
+    devices = ["cpu"] * (n - 1) + ["meta"]
+    cache = KVCache.allocate(model.config, 2, 16, device=devices)
+    assert [kv.k.device.type for kv in cache.layers] == [torch.device(d).type for d in devices]
+    assert cache.key_mask.device.type == "cpu"
+    made = KVCache.for_model(model, 2, 16)
+    assert all(kv.k.device == b.input_layernorm.weight.device for kv, b in zip(made.layers, model.blocks, strict=True))
+    assert made.layers[0].k.dtype == model.model.embed_tokens.weight.dtype
+    with pytest.raises(ValueError, match="2 cache devices given for"):
+        KVCache.allocate(model.config, 2, 16, device=["cpu", "cpu"])
 
 
 def test_left_padded_batch_equals_single_runs(model):

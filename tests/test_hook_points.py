@@ -307,6 +307,14 @@ def test_editing_topk_idx_reroutes(model, ids):
     torch.testing.assert_close(c[f"blocks.{L}.moe.hook_topk_weights"], chosen / chosen.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("bad", [-1, 99])  # the tiny preset has fewer than 99 experts
+def test_rerouting_to_a_missing_expert_names_it(model, ids, bad):
+    L, E = model.config.moe_layers[0], model.config.moe_num_experts
+    name = f"blocks.{L}.moe.hook_topk_idx"
+    with pytest.raises(ValueError, match=rf"{name}: expert id {bad} is outside \[0, {E}\)"):
+        model.run_with_hooks(ids, fwd_hooks=[(name, lambda idx, hook: torch.full_like(idx, bad))])
+
+
 def test_editing_topk_weights_remixes(model, ids):
     L = model.config.moe_layers[0]
     new = torch.tensor([0.9, -0.4])

@@ -330,7 +330,8 @@ def test_unreadable_or_incomplete_checkpoints(tmp_path):
         (torch.ones(1, 0, dtype=torch.long), None, ValueError, r"pos >= 1"),
         ([[1, 2]], None, TypeError, "torch.Tensor"),
         (torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3), ValueError, r"attention_mask shape \(2, 3\)"),
-        (torch.ones(2, 4, dtype=torch.long), torch.full((2, 4), 2), ValueError, "only 0.*and 1"),
+        (torch.ones(2, 4, dtype=torch.long), torch.full((2, 4), 2), ValueError, "only 0.*and 1.*found 2"),
+        (torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), ValueError, r"rows \[1\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(ids, mask, error, match):
