@@ -22,6 +22,7 @@ every generated one.
 from __future__ import annotations
 
 import fnmatch
+import importlib.resources
 import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -366,10 +367,11 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
 
 # ----------------------------------------------------------------------------- recipes
 def recipe_dir() -> Path:
-    """The top-level ``hooks/`` folder of the repository checkout holding the recipes."""
-    import ernie_lab
-
-    return Path(ernie_lab.__file__).resolve().parents[1] / "hooks"
+    """The folder of the recipes: ``hooks/`` in a source checkout, ``ernie_lab/_hooks`` when installed."""
+    checkout = Path(__file__).resolve().parents[1] / "hooks"
+    if (checkout / "__init__.py").exists():
+        return checkout
+    return Path(str(importlib.resources.files("ernie_lab._hooks")))
 
 
 def list_recipes() -> list[str]:

@@ -120,18 +120,20 @@ def test_train_is_deterministic():
 
 
 def test_toy_resolves_after_non_editable_install(tmp_path):
-    """``pip install .`` (not editable) ships data/ as ernie_lab._data, so "toy" still resolves."""
+    """``pip install .`` (not editable) ships data/ and hooks/ as ernie_lab._data and ernie_lab._hooks,
+    so "toy" and the recipes still resolve."""
     target = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(REPO)]
     subprocess.run(pip, check=True, capture_output=True)
     code = (
         "import ernie_lab, ernie_lab.sources as s; "
         "m = ernie_lab.load_model('toy'); t = ernie_lab.load_tokenizer('toy'); "
-        "print(ernie_lab.__file__); print(s.toy_dir()); print(m.config.vocab_size == t.vocab_size)"
+        "r = ernie_lab.interventions.load_recipe('ablate_experts'); "
+        "print(ernie_lab.__file__); print(s.toy_dir()); print(r.__file__); print(m.config.vocab_size == t.vocab_size)"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
     )
-    module_file, toy_dir, ok = out.stdout.split()
-    assert module_file.startswith(str(target)) and toy_dir.startswith(str(target)) and ok == "True"
+    module_file, toy_dir, recipe_file, ok = out.stdout.split()
+    assert all(p.startswith(str(target)) for p in (module_file, toy_dir, recipe_file)) and ok == "True"
