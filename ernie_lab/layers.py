@@ -33,8 +33,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not (x.is_cpu and x.dtype == torch.float32 and 0 < rows <= THIN_ROWS):
         return F.linear(x, weight, bias)
     flat = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
-    parts = [_row_product(weight, row) for row in flat.split(1)]
-    out = parts[0] if rows == 1 else torch.cat(parts)
+    out = _row_product(weight, flat) if rows == 1 else torch.cat([_row_product(weight, r) for r in flat.split(1)])
     if x.dim() != 2:
         out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
