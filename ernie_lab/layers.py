@@ -82,11 +82,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs ``(x[2i], x[2i+1])`` (GLM / interleaved style) of ``x`` ``[batch pos head d_head]``.
 
     A pair is the complex number ``x[2i] + i x[2i+1]``; multiplying by ``cos + i sin`` gives
-    ``(x0 cos - x1 sin, x1 cos + x0 sin)`` in one kernel instead of six.
+    ``(x0 cos - x1 sin, x1 cos + x0 sin)`` in one kernel instead of six. Under ``torch.compile``
+    the real form is used (inductor fuses it; it has no complex kernels).
     """
     pairs = rearrange(x.float(), "b p h (half two) -> b p h half two", two=2)
-    rotation = torch.complex(cos, sin)[:, :, None, :]  # broadcast over heads
-    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * rotation)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    if torch.compiler.is_compiling():
+        x0, x1 = pairs.unbind(-1)
+        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * torch.complex(cos, sin))
     return rearrange(rotated, "b p h half two -> b p h (half two)").to(x.dtype)
 
 
@@ -147,7 +152,8 @@ class Attention(nn.Module):
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self._explicit(q, k, v, mask)
         else:
-            causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+            # a branch, not an expression: under torch.compile the shapes are symbolic and sdpa wants a bool
+            causal = True if mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1 else False  # noqa: SIM210
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
             z = rearrange(z, "b h p d -> b p h d")
         z = self.hook_z(z)

@@ -98,6 +98,24 @@ def test_cache_follows_the_layers_devices(model):
         KVCache.allocate(model.config, 2, 16, device=["cpu", "cpu"])
 
 
+def test_compiled_decode_equals_eager(model):
+    ids = prompt(batch=1, pos=5)
+    eager = generate(model, ids, max_new_tokens=6)
+    assert torch.equal(generate(model, ids, max_new_tokens=6, compile=True), eager)
+    # the compiled step reads the weights at every call: an in-place edit changes its output too
+    norm = model.model.norm.weight
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm.mul_(-1.0)
+    try:
+        flipped = generate(model, ids, max_new_tokens=6)
+        assert not torch.equal(flipped, eager)
+        assert torch.equal(generate(model, ids, max_new_tokens=6, compile=True), flipped)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+
+
 def test_left_padded_batch_equals_single_runs(model):
     rows = [prompt(1, n, seed=n)[0] for n in (3, 8, 5)]
     ids, mask = left_pad(rows)
