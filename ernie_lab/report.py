@@ -29,7 +29,6 @@ import platform
 import random
 import shutil
 import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.atomic import replace_dir
 from ernie_lab.report_data import PairBatch, PairData, TextData, pair_batch, resolve_dataset
 from ernie_lab.report_spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
 
@@ -95,7 +95,7 @@ def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool 
         html = render(resolved["title"], resolved, manifest, _dataset_summaries(datasets), written, tmp)
         (tmp / "index.html").write_text(html, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
-        _move_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,17 +170,6 @@ def _write_section(section, root: Path) -> dict:
         "figures": figures,
         "tables": tables,
     }
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` with renames (same parent folder, so each rename is atomic)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def _jsonable(value: Any) -> Any:

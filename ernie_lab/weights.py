@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.atomic import replace_dir
 from ernie_lab.checkpoint_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -277,7 +277,7 @@ def save_model(
             write_checkpoint(tensors, materialise, tmp, limit, progress=bar)
         if out.is_dir():
             _carry_over(out, tmp)
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,18 +307,3 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copytree(item, new / item.name, symlinks=True)
         else:
             shutil.copy2(item, new / item.name)
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed aside first and restored on failure."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -7,7 +7,6 @@ end, so an interrupted run leaves no half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ernie_lab.atomic import replace_dir
 from ernie_lab.model import ErnieMoE
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import plot_specialisation
@@ -82,21 +82,10 @@ def build_toy(
         facts = {"n_docs": n_docs, "n_tokens": int(stream.numel()), "seconds": round(log.seconds, 1)}
         if evaluate:
             _write_card(ckpt, model, tokenizer, settings, facts)
-        _swap_in(ckpt, out)
+        replace_dir(ckpt, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is renamed aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}-old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _plot_loss(history: pd.DataFrame):
