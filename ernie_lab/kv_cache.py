@@ -50,9 +50,11 @@ class KVCache:
         max_pos: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | Sequence[torch.device | str] | None = None,
+        home: torch.device | str | None = None,
     ) -> KVCache:
         """Zeroed keys and values for ``max_pos`` positions. ``device`` is one device for every layer,
-        or one per layer (a model spread over devices); the bookkeeping lives on the first."""
+        or one per layer (a model spread over devices); the bookkeeping (key mask, next positions)
+        lives on ``home``, by default the first layer's device."""
         if max_pos > config.max_position_embeddings:
             raise ValueError(
                 f"KV cache of {max_pos} positions exceeds max_position_embeddings={config.max_position_embeddings}"
@@ -66,17 +68,15 @@ class KVCache:
             LayerKV(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
             for d in devices
         ]
-        return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=devices[0]))
+        return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=home or devices[0]))
 
     @classmethod
     def for_model(cls, model, batch: int, max_pos: int) -> KVCache:
         """A cache in ``model``'s dtype with each layer on the device of its decoder layer, and the
         bookkeeping on the embedding's device (where the input ids and positions live)."""
         devices = [block.input_layernorm.weight.device for block in model.blocks]
-        cache = cls.allocate(model.config, batch, max_pos, model.model.embed_tokens.weight.dtype, devices)
-        home = model.model.embed_tokens.weight.device
-        cache.key_mask, cache.next_position = cache.key_mask.to(home), cache.next_position.to(home)
-        return cache
+        embed = model.model.embed_tokens.weight
+        return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device)
 
     @property
     def capacity(self) -> int:

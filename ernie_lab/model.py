@@ -195,13 +195,14 @@ class ErnieMoE(HookRegistry, nn.Module):
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
                 raise ValueError(f"attention_mask shape {got} does not match input_ids shape {tuple(input_ids.shape)}")
-            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
-            if bad.numel():
+            valid = (attention_mask == 0) | (attention_mask == 1)
+            if not bool(valid.all()):
                 raise ValueError(
-                    f"attention_mask must contain only 0 (padding) and 1 (real token), found {bad[0].item()}"
+                    "attention_mask must contain only 0 (padding) and 1 (real token), "
+                    f"found {attention_mask[~valid][0].item()}"
                 )
-            empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
-            if empty:
+            if not bool((attention_mask != 0).any(-1).all()):
+                empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask rows {empty} have no real token (all 0)")
         if cache is not None:
             if cache.batch != input_ids.shape[0]:

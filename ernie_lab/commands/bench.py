@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ernie_lab.commands import DTYPE_CHOICES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "better). Figures are medians of interleaved repeats after a warm-up.",
     )
     parser.add_argument("--config", default="bench", help="preset to build (default: bench)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
@@ -37,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ernie_lab.bench import run_bench, run_real_shape
+    from ernie_lab.weights import parse_dtype
 
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
@@ -44,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.real_shape:
         device = "cuda" if args.device == "cpu" else args.device
-        dtype = DTYPES["bfloat16" if args.dtype == "float32" else args.dtype]
+        dtype = parse_dtype("bfloat16" if args.dtype == "float32" else args.dtype)
         table = run_real_shape(dtype=dtype, device=device, repeats=args.repeats, compile=args.compile)
         what = f"real shape 21b-a3b, {dtype}, {device}"
     else:
         table = run_bench(
             config=args.config,
-            dtype=DTYPES[args.dtype],
+            dtype=parse_dtype(args.dtype),
             device=args.device,
             repeats=args.repeats,
             quick=args.quick,

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ernie_lab.commands import DTYPE_CHOICES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--min-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     parser.add_argument(
         "--progress",
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise SystemExit("--max-new-tokens must be >= 0")
     tokenizer = load_tokenizer(args.src)
-    model = load_model(args.src, dtype=DTYPES.get(args.dtype), device=args.device)
+    model = load_model(args.src, dtype=args.dtype, device=args.device)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})

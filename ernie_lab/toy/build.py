@@ -20,7 +20,7 @@ from ernie_lab.model import ErnieMoE
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import plot_specialisation
 from ernie_lab.tokenizer import load_tokenizer
-from ernie_lab.toy.chat import chat_segments
+from ernie_lab.toy.chat import document_pieces
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS as TOKENIZER_N_DOCS
 from ernie_lab.toy.corpus import training_corpus
 from ernie_lab.toy.evaluate import heldout_nll, routing_report, summary_line, task_accuracy
@@ -36,10 +36,10 @@ GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 
 def token_stream(tokenizer, docs: list[dict]) -> torch.Tensor:
     """All documents encoded and joined by ``</s>`` into one 1-D stream ``[n_tokens]``.
 
-    Chats are encoded segment by segment (``chat_segments``), exactly as ``chat()`` encodes them.
+    Chats are encoded segment by segment (``document_pieces``), exactly as ``chat()`` encodes them.
     """
     eos = tokenizer.eos_token_id
-    segments = [chat_segments(d["text"]) if d["domain"] == "chat" else [d["text"]] for d in docs]
+    segments = [document_pieces(d) for d in docs]
     flat = tokenizer.tokenizer.encode_batch([s for doc in segments for s in doc], add_special_tokens=False)
     ids: list[int] = []
     at = 0

@@ -75,6 +75,12 @@ def chat_segments(text: str) -> list[str]:
     return [p + GENERATION_PROMPT for p in pieces[:-1]] + [pieces[-1]]
 
 
+def document_pieces(doc: dict[str, str]) -> list[str]:
+    """A corpus row ``{"domain", "text"}`` as the texts to encode one after the other: a chat in
+    ``chat_segments``, any other document whole."""
+    return chat_segments(doc["text"]) if doc["domain"] == "chat" else [doc["text"]]
+
+
 def recall_answer(relation: str, subject: str) -> str:
     """The assistant's sentence for a recall question, e.g. "The capital of Veloria is Mirren."."""
     return TRAIN_FACT_TEMPLATES[relation][0].format(s=subject, o=dict(FACTS[relation])[subject])

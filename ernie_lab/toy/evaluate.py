@@ -14,12 +14,7 @@ import torch
 
 from ernie_lab.ablation import token_nll
 from ernie_lab.routing import balance, collect_routing, domain_specialisation
-from ernie_lab.toy.chat import chat_segments
-
-
-def _pieces(row: dict) -> list[str]:
-    """A document as the training stream encodes it (chats piece by piece, see ``chat_segments``)."""
-    return chat_segments(row["text"]) if row["domain"] == "chat" else [row["text"]]
+from ernie_lab.toy.chat import document_pieces
 
 
 def _batches(rows: list, size: int):
@@ -40,7 +35,7 @@ def heldout_nll(
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for chunk in _batches(rows, batch_size):
-        ids = [[i for piece in _pieces(r) for i in tokenizer.encode(piece)] for r in chunk]
+        ids = [[i for piece in document_pieces(r) for i in tokenizer.encode(piece)] for r in chunk]
         if shuffle_seed is not None:
             ids = [[seq[i] for i in torch.randperm(len(seq), generator=gen).tolist()] for seq in ids]
         width = max(len(s) for s in ids)
