@@ -313,7 +313,8 @@ def run_bench(
 ) -> pd.DataFrame:
     """Every BENCH.md figure for preset ``config`` (``quick``: the tiny preset and tiny workloads).
 
-    ``compile=True`` runs our decode steps through ``torch.compile`` (a slow first call; GPU mainly).
+    ``compile=True`` runs our decode steps through ``torch.compile`` (the warm-up compiles; on the CPU
+    batch 1 only, see ``generate``).
     """
     if threads is not None:
         torch.set_num_threads(threads)
