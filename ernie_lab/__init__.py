@@ -4,6 +4,8 @@
     model = el.load_model("toy")
     logits, cache = model.run_with_cache(tokens)
 
+The package is a set of wings, each a subpackage (``model``, ``io``, ``generation``, ``routing``,
+``patching``, ``ablation``, ``report``, ``toy``, ``commands``); see the README's "Architecture".
 Public names resolve lazily, so ``import ernie_lab`` stays cheap (no pandas/matplotlib until an
 analysis is used).
 """
@@ -15,21 +17,34 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ErnieConfig": "ernie_lab.config",
-    "ConfigError": "ernie_lab.config",
+    "ErnieConfig": "ernie_lab.model",
+    "ConfigError": "ernie_lab.model",
     "ErnieMoE": "ernie_lab.model",
-    "HookPoint": "ernie_lab.hook_points",
-    "HookError": "ernie_lab.hook_points",
-    "ActivationCache": "ernie_lab.hook_points",
-    "KVCache": "ernie_lab.kv_cache",
-    "load_model": "ernie_lab.weights",
-    "save_model": "ernie_lab.weights",
-    "CheckpointError": "ernie_lab.weights",
-    "load_tokenizer": "ernie_lab.tokenizer",
-    "chat": "ernie_lab.generate",
-    "count_params": "ernie_lab.params",
+    "HookPoint": "ernie_lab.model",
+    "HookError": "ernie_lab.model",
+    "ActivationCache": "ernie_lab.model",
+    "KVCache": "ernie_lab.model",
+    "count_params": "ernie_lab.model",
+    "load_model": "ernie_lab.io",
+    "save_model": "ernie_lab.io",
+    "CheckpointError": "ernie_lab.io",
+    "load_tokenizer": "ernie_lab.io",
+    "chat": "ernie_lab.generation",
 }
-_MODULES = ("interventions", "routing", "patching", "ablation", "report", "widgets", "toy")
+# wings and top-level modules, loaded on first attribute access
+_MODULES = (
+    "model",
+    "io",
+    "generation",
+    "interventions",
+    "routing",
+    "patching",
+    "ablation",
+    "report",
+    "widgets",
+    "plots",
+    "toy",
+)
 
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

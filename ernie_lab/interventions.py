@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from ernie_lab.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
+from ernie_lab.model.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
 
 Hooks = list[tuple[NameSpec, HookFn]]
 

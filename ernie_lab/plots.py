@@ -73,3 +73,37 @@ def _ticks(setter, labels: Sequence, max_ticks: int, rotation: float = 0) -> Non
     step = max(1, -(-len(labels) // max_ticks))
     positions = np.arange(0, len(labels), step)
     setter(positions, [str(labels[i]) for i in positions], rotation=rotation)
+
+
+def line_figure(df: pd.DataFrame, x: str, panels: list[list[str]], titles: list[str]) -> Figure:
+    """Marked lines against ``x`` (layers), one panel per group of columns so that values on different
+    scales (e.g. a variation coefficient and a fraction) each get their own axis."""
+    fig, axes = new_figure(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 3.8))
+    for ax, ys, title in zip(np.atleast_1d(axes), panels, titles, strict=True):
+        for y in ys:
+            ax.plot(df[x], df[y], "o-", label=y)
+        ax.set_xticks(df[x].tolist(), [str(v) for v in df[x]])
+        ax.set_xlabel(x)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def diverging_heatmap(df: pd.DataFrame, index: str, columns: str, value: str, title: str) -> Figure:
+    """``index`` x ``columns`` heatmap of ``value`` on a scale centred on 0 (differences, effects)."""
+    table = pivot(df, index, columns, value)
+    fig, ax = new_figure(figsize=(max(6.0, 0.3 * table.shape[1] + 2), max(2.5, 0.35 * len(table) + 1.5)))
+    heatmap(ax, table, cmap="RdBu_r", center=0.0, label=value)
+    ax.set_title(title)
+    return fig
+
+
+def bar_figure(labels: list[str], values, title: str, ylabel: str) -> Figure:
+    """Bars of ``values`` with a zero line."""
+    fig, ax = new_figure(figsize=(max(5.0, 0.5 * len(labels) + 2), 3.8))
+    ax.bar(range(len(labels)), values, color="tab:red")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig

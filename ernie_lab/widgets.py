@@ -20,6 +20,13 @@ import pandas as pd
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
+from ernie_lab import ablation as ab
+from ernie_lab.interventions import expert_mean_outputs
+from ernie_lab.patching.plots import plot_head_grid, plot_patching_heatmap
+from ernie_lab.plots import bar_figure, diverging_heatmap
+from ernie_lab.routing import collect_routing, routing_agreement
+from ernie_lab.routing.stats import load_difference
+
 DEFAULT_TEXT = "The capital of Veloria is Mirren. 12+7=19"
 
 
@@ -38,7 +45,6 @@ def routing_table(model, tokenizer, text: str) -> pd.DataFrame:
     Columns: layer, pos, token, slot, expert, weight (renormalised), prob (router probability);
     within a (layer, pos) the slots are ordered by weight, highest first.
     """
-    from ernie_lab.routing import collect_routing
 
     r = collect_routing(model, [text], tokenizer, progress=False)
     tokens = _tokens(tokenizer, r.token_ids.tolist())
@@ -159,9 +165,6 @@ def patching_figure(df: pd.DataFrame, value: str = "effect", hook: str | None = 
     """The natural heatmap of a patching frame: layer x position (residual / routing grids), layer x
     head (head grids), layer x expert (expert grids), else bars per layer. ``hook`` selects one hook
     of a frame holding several."""
-    from ernie_lab.patching_plots import plot_head_grid, plot_patching_heatmap
-    from ernie_lab.report_causal import bar_figure
-    from ernie_lab.report_routing import diverging_heatmap
 
     if value not in df.columns:
         raise KeyError(f"the frame has no column {value!r}; it has {list(df.columns)}")
@@ -221,10 +224,6 @@ def ablation_summary(
     "agreement": routing agreement with the un-ablated model per layer, "load": the load of ``layer``'s
     experts without and with the ablation}``. ``base``: the un-ablated Routing, to reuse it.
     """
-    from ernie_lab import ablation as ab
-    from ernie_lab.interventions import expert_mean_outputs
-    from ernie_lab.report_routing import load_difference
-    from ernie_lab.routing import collect_routing, routing_agreement
 
     experts = sorted(int(e) for e in experts)
     groups = [f"text {i}" for i in range(len(texts))] if groups is None else groups
@@ -253,7 +252,6 @@ def ablation_explorer(model, tokenizer, texts: list[str], groups=None):
     effect (HTML), routing (HTML).
     """
     w = _ipywidgets()
-    from ernie_lab.routing import collect_routing
 
     cfg = model.config
     layer = w.Dropdown(options=list(cfg.moe_layers), description="MoE layer")

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from ernie_lab import interventions as iv
-from ernie_lab.hook_points import HookError
-from ernie_lab.model import ErnieMoE
+from ernie_lab.model.ernie import ErnieMoE
+from ernie_lab.model.hook_points import HookError
 
 BATCH, POS = 2, 7
 

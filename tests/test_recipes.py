@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 from ernie_lab import interventions as iv
-from ernie_lab.model import ErnieMoE
+from ernie_lab.model.ernie import ErnieMoE
 
 RECIPES = ("ablate_experts", "force_routing", "steer_residual", "freeze_router")
 BATCH, POS = 2, 6
@@ -126,7 +126,7 @@ def test_freeze_router_copies_routing(model, ids, other):
 
 # ----------------------------------------------------------------------------- inside generate
 def test_recipes_fire_at_every_generation_step(model, ids):
-    pytest.importorskip("ernie_lab.generate")
+    pytest.importorskip("ernie_lab.generation.generate")
     forced = [5, 4]
     seen = []
     record = (moe(2, "topk_idx"), lambda idx, hook: seen.append(idx.clone()))
@@ -152,7 +152,7 @@ def test_recipes_fire_at_every_generation_step(model, ids):
 
 
 def test_ablation_and_frozen_routing_during_generation(model, ids, other):
-    pytest.importorskip("ernie_lab.generate")
+    pytest.importorskip("ernie_lab.generation.generate")
     L, E = model.config.moe_layers[-1], model.config.moe_num_experts
     weights = []
     record = (moe(L, "topk_weights"), lambda w, hook: weights.append(w.clone()))

@@ -41,9 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.generate import stream
-    from ernie_lab.tokenizer import load_tokenizer
-    from ernie_lab.weights import load_model
+    from ernie_lab.generation.generate import stream
+    from ernie_lab.io.tokenizer import load_tokenizer
+    from ernie_lab.io.weights import load_model
 
     if args.max_new_tokens < 0:
         raise SystemExit("--max-new-tokens must be >= 0")

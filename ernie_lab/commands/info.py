@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from ernie_lab.config import PRESETS, ConfigError, ErnieConfig
-from ernie_lab.params import COMPONENTS, count_params, human
-from ernie_lab.sources import resolve_source
+from ernie_lab.io.sources import resolve_source
+from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
+from ernie_lab.model.params import COMPONENTS, count_params, human
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -25,8 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.report import run_report
-    from ernie_lab.report_spec import SpecError
+    from ernie_lab.report.runner import run_report
+    from ernie_lab.report.spec import SpecError
 
     try:
         out = run_report(args.spec, args.out, quick=args.quick, progress=not args.no_progress)

@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ernie_lab.atomic import replace_dir
-from ernie_lab.model import ErnieMoE
+from ernie_lab.io.atomic import replace_dir
+from ernie_lab.io.tokenizer import load_tokenizer
+from ernie_lab.io.weights import save_model
+from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import plot_specialisation
-from ernie_lab.tokenizer import load_tokenizer
 from ernie_lab.toy.chat import document_pieces
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS as TOKENIZER_N_DOCS
 from ernie_lab.toy.corpus import training_corpus
@@ -27,7 +28,6 @@ from ernie_lab.toy.evaluate import heldout_nll, routing_report, summary_line, ta
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
 from ernie_lab.toy.train import TrainSettings, toy_config, train
-from ernie_lab.weights import save_model
 
 DEFAULT_N_DOCS = 30000
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}

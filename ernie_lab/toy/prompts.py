@@ -26,7 +26,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from ernie_lab.sources import data_dir
+from ernie_lab.io.sources import data_dir
 from ernie_lab.toy.chat import HELDOUT_QUESTIONS, format_chat, recall_answer
 from ernie_lab.toy.corpus import heldout_domains
 from ernie_lab.toy.domains import format_problem, sample_problem, solve

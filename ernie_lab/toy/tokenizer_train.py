@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ernie_lab.sources import toy_dir
-from ernie_lab.tokenizer import ERNIE_CHAT_TEMPLATE
+from ernie_lab.io.sources import toy_dir
+from ernie_lab.io.tokenizer import ERNIE_CHAT_TEMPLATE
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS, training_corpus
 
 UNK, BOS, EOS, CLS, SEP = "<unk>", "<s>", "</s>", "<|begin_of_sentence|>", "<|end_of_sentence|>"

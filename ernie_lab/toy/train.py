@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ernie_lab.config import ErnieConfig
-from ernie_lab.model import ErnieMoE
+from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.ernie import ErnieMoE
 
 TOY_SHAPE = dict(
     hidden_size=160,

@@ -1,0 +1,408 @@
+"""ERNIE 4.5 tokenizer: ``tokenizers`` for encoding, jinja2 for the chat template.
+
+``load_tokenizer(src)`` reads a Hugging Face layout directory (or ``"toy"``, or a hub id):
+``tokenizer.json`` when present, else the SentencePiece ``tokenizer.model`` that ERNIE 4.5's hub
+repos ship, converted once by ``ernie_lab.io.spm_convert``. Special tokens and the chat template come
+from ``tokenizer_config.json`` (plus ``special_tokens_map.json``, ``added_tokens.json``,
+``chat_template.jinja`` and ``generation_config.json`` when present).
+
+ERNIE adds no BOS: ``encode(text)`` returns the text's ids only. A chat starts with the cls token
+``<|begin_of_sentence|>`` written by the chat template, and assistant turns end with the sep token
+``<|end_of_sentence|>``, which is therefore a stop token next to ``</s>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from ernie_lab.io.sources import resolve_source
+from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
+
+# The ERNIE 4.5 chat format (DESIGN.md section 2), written as a jinja template that renders the
+# same strings as the ``chat_template`` shipped in the ERNIE 4.5 hub ``tokenizer_config.json``:
+# cls, then per message: system -> "{text}\n", user -> "User: {text}\n",
+# assistant -> "Assistant: {text}" + sep; and "Assistant: " as the generation prompt.
+ERNIE_CHAT_TEMPLATE = (
+    "{%- set cls = cls_token if cls_token is defined else '<|begin_of_sentence|>' -%}"
+    "{%- set sep = sep_token if sep_token is defined else '<|end_of_sentence|>' -%}"
+    "{{- cls -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] ~ '\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'User: ' ~ message['content'] ~ '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' ~ message['content'] ~ sep -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt is not defined or add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+)
+
+# Files a tokenizer needs; also what is downloaded for a hub id.
+TOKENIZER_PATTERNS = [
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+]
+# The named special tokens transformers exposes (``SPECIAL_TOKENS_ATTRIBUTES``); any other
+# ``*_token`` string in tokenizer_config.json (ERNIE: ``sys_start_token``...) is named too.
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def load_tokenizer(src: str | Path) -> ErnieTokenizer:
+    """Load the tokenizer of ``src``: ``"toy"``, a local directory, or a hub id.
+
+    Raises FileNotFoundError naming the directory when it has neither ``tokenizer.json`` nor
+    ``tokenizer.model``; ImportError with the install command when a SentencePiece model must be
+    converted and the ``sentencepiece`` extra is missing.
+    """
+    directory = resolve_source(src, allow_patterns=TOKENIZER_PATTERNS)
+    if (directory / "tokenizer.json").is_file():
+        tokenizer_json = directory / "tokenizer.json"
+    elif (directory / "tokenizer.model").is_file():
+        tokenizer_json = converted_tokenizer_json(directory / "tokenizer.model")
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: looked for tokenizer.json or tokenizer.model "
+            "(a Hugging Face layout directory, e.g. a copy of an ERNIE 4.5 hub repo)"
+        )
+    config = _read_json(directory / "tokenizer_config.json")
+    named = _named_tokens(config, _read_json(directory / "special_tokens_map.json"))
+    state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    state["added_tokens"] = _merge_added_tokens(
+        state, _declared_tokens(config, named, _read_json(directory / "added_tokens.json"))
+    )
+    generation = _read_json(directory / "generation_config.json").get("eos_token_id")
+    return ErnieTokenizer(
+        Tokenizer.from_str(json.dumps(state)),
+        special_tokens=named,
+        chat_template=_chat_template(directory, config),
+        extra_eos_ids=[generation] if isinstance(generation, int) else list(generation or []),
+    )
+
+
+class ErnieTokenizer:
+    """A ``tokenizers.Tokenizer`` with ERNIE's special tokens and chat template.
+
+    ``special_tokens`` maps names (``bos_token``, ``cls_token``, ``sys_start_token``...) to token
+    strings; they are also the variables the chat template sees, as in transformers.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        special_tokens: dict[str, str] | None = None,
+        chat_template: str | None = None,
+        extra_eos_ids: list[int] | tuple[int, ...] = (),
+    ):
+        self.tokenizer = tokenizer
+        self.special_tokens = dict(special_tokens or {})
+        self.chat_template = chat_template
+        self._extra_eos_ids = list(extra_eos_ids)
+        decoder = tokenizer.decoder.__getstate__() if tokenizer.decoder is not None else b""
+        self._byte_level = b'"ByteLevel"' in decoder
+        self._added_ids = set(tokenizer.get_added_tokens_decoder())
+
+    # ids of the named special tokens (None when the tokenizer has no such token)
+    def _named_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._named_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._named_id("eos_token")
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self._named_id("cls_token")
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self._named_id("sep_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._named_id("unk_token")
+
+    @property
+    def pad_token_id(self) -> int:
+        """The pad token's id, falling back to ``<unk>`` (ERNIE pads with it) and then 0."""
+        for name in ("pad_token", "unk_token"):
+            if (idx := self._named_id(name)) is not None:
+                return idx
+        return 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end generation: sep (end of an assistant turn), eos, and generation_config's."""
+        ids = [self.sep_token_id, self.eos_token_id, *self._extra_eos_ids]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (the model's embedding may be larger)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self.tokenizer.id_to_token(int(idx))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; nothing added (no BOS). Special-token strings become their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (a list or a 1-D tensor)."""
+        return self.tokenizer.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` for each row of ``batch`` ([batch pos] tensor or list of lists)."""
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
+
+    def __call__(
+        self, texts: str | list[str], padding_side: str = "left", return_tensors: str | None = "pt"
+    ) -> dict[str, Any]:
+        """Encode a batch: ``input_ids`` and ``attention_mask`` ([batch pos], 0 on padding).
+
+        Left padding (the default) keeps every prompt's last token in the last column, which is
+        what batched generation needs. ``return_tensors=None`` gives lists instead of LongTensors.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        rows = [self.encode(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        width = max((len(r) for r in rows), default=0)
+        ids, mask = [], []
+        for row in rows:
+            pad = width - len(row)
+            if padding_side == "left":
+                ids.append([self.pad_token_id] * pad + row)
+                mask.append([0] * pad + [1] * len(row))
+            else:
+                ids.append(row + [self.pad_token_id] * pad)
+                mask.append([1] * len(row) + [0] * pad)
+        if return_tensors == "pt":
+            ids = torch.tensor(ids, dtype=torch.long).reshape(len(rows), width)
+            mask = torch.tensor(mask, dtype=torch.long).reshape(len(rows), width)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def convert_ids_to_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
+        """Readable token strings, e.g. for plot labels.
+
+        SentencePiece's ``▁`` shows as a space and ASCII byte pieces (``<0x0A>``) as their character;
+        byte-level BPE tokens (GPT-2's ``Ġ`` alphabet) are shown as their UTF-8 text, with
+        ``\\xNN`` escapes for bytes that do not complete a character. Added tokens show verbatim.
+        """
+        return [self._readable(i) for i in _id_list(ids)]
+
+    def _readable(self, idx: int) -> str:
+        token = self.tokenizer.id_to_token(idx)
+        if token is None:
+            return f"<id {idx}?>"
+        if idx in self._added_ids:
+            return token
+        if self._byte_level:
+            raw = bytes(_UNICODE_TO_BYTE.get(ch, ord("?")) for ch in token)
+            return raw.decode("utf-8", errors="backslashreplace")
+        if m := _BYTE_PIECE.fullmatch(token):
+            value = int(m.group(1), 16)
+            return chr(value) if value < 0x80 else token
+        return token.replace(SPACE, " ")
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> str | list[int]:
+        """Render ``messages`` with the checkpoint's chat template (``ERNIE_CHAT_TEMPLATE`` if none).
+
+        Renders exactly as transformers does: sandboxed jinja2 with ``trim_blocks``/``lstrip_blocks``,
+        ``raise_exception``/``strftime_now``, every named special token as a variable, messages
+        prepared as transformers prepares them. ``tokenize=True`` returns ids, special tokens in
+        the text becoming single special ids.
+        """
+        template = chat_template or self.chat_template or ERNIE_CHAT_TEMPLATE
+        chat = [_template_message(m) for m in messages]
+        variables = {**self.special_tokens, **template_kwargs}
+        text = _compile_template(template).render(
+            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        )
+        return self.encode(text) if tokenize else text
+
+    def __repr__(self) -> str:
+        named = ", ".join(f"{k}={v!r}" for k, v in self.special_tokens.items())
+        return f"ErnieTokenizer(vocab_size={self.vocab_size}, {named})"
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as transformers hands it to a template: None values dropped (templates test for
+    missing keys) and reasoning copied under each name templates read it by."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str):
+    """Compile like transformers' ``_compile_jinja_template`` (same environment and globals)."""
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text; rendering just keeps it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
+
+        def _keep(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _content(value: Any) -> str | None:
+    """A token given as a string or as an AddedToken dict ``{"content": ...}``."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _named_tokens(config: dict, special_map: dict) -> dict[str, str]:
+    """Named special tokens: tokenizer_config.json first, special_tokens_map.json for the rest."""
+    named = {}
+    # transformers v5 also saves ``*_token`` names beyond the standard ones as a dict
+    saved = [config.get("model_specific_special_tokens"), config.get("extra_special_tokens")]
+    for source in (config, *[d for d in saved if isinstance(d, dict)], special_map):
+        for key, value in source.items():
+            # transformers takes ``*_token`` keys beyond the standard ones only when they are strings
+            wanted = key in NAMED_TOKENS or (key.endswith("_token") and isinstance(value, str))
+            if wanted and key not in named and (token := _content(value)) is not None:
+                named[key] = token
+    return named
+
+
+def _declared_tokens(config: dict, named: dict[str, str], added_file: dict[str, int]) -> list[dict]:
+    """Every token the config files declare, as ``tokenizer.json`` added-token entries (id may be None)."""
+    declared = []
+    for idx, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+        entry = _added_entry(spec["content"], special=spec.get("special", True))
+        declared.append({**entry, **{k: v for k, v in spec.items() if k in entry}, "id": int(idx)})
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    extra = extra if isinstance(extra, list) else []  # a dict holds named tokens, already in ``named``
+    special = set(named.values()) | {_content(t) for t in extra if isinstance(t, (str, dict))}
+    for token, idx in sorted(added_file.items(), key=lambda kv: kv[1]):
+        declared.append({**_added_entry(token, special=token in special), "id": idx})
+    declared += [{**_added_entry(t, special=True), "id": None} for t in sorted(special - {None})]
+    return declared
+
+
+def _added_entry(content: str, special: bool) -> dict:
+    return {
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": not special,
+        "special": special,
+    }
+
+
+def _merge_added_tokens(state: dict, declared: list[dict]) -> list[dict]:
+    """The ``added_tokens`` list of ``state`` updated with the config's declared tokens.
+
+    A declared token already in the vocabulary keeps its id (and is marked special if declared so);
+    a new one gets the next free id, which must equal its declared id when it has one.
+    """
+    added = {t["content"]: t for t in state.get("added_tokens", [])}
+    vocab = state["model"].get("vocab", {})
+    vocab_ids = dict(vocab) if isinstance(vocab, dict) else {tok: i for i, (tok, _) in enumerate(vocab)}
+    next_id = max([len(vocab_ids) - 1, *vocab_ids.values(), *(t["id"] for t in added.values())], default=-1) + 1
+    for spec in declared:
+        content = spec["content"]
+        known = added[content]["id"] if content in added else vocab_ids.get(content)
+        if known is None:
+            known, next_id = next_id, next_id + 1
+            added[content] = {**spec, "id": known}
+        elif content in added:
+            added[content]["special"] = added[content]["special"] or spec["special"]
+        else:
+            added[content] = {**spec, "id": known}
+        if spec["id"] is not None and spec["id"] != known:
+            raise ValueError(
+                f"tokenizer config declares {content!r} with id {spec['id']}, but the tokenizer gives it id {known}"
+            )
+        if added[content]["special"]:
+            added[content]["normalized"] = False
+    return sorted(added.values(), key=lambda t: t["id"])
+
+
+def _chat_template(directory: Path, config: dict) -> str | None:
+    """``chat_template.jinja`` if present (transformers v5 saves it there), else the config's."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (used by byte-level BPE)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = {ch: b for b, ch in _byte_to_unicode().items()}

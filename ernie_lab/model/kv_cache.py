@@ -1,0 +1,90 @@
+"""Static, preallocated key/value cache for incremental decoding.
+
+Axes: batch kv_head kv_pos d_head. One :class:`LayerKV` per layer holds rotated keys and values;
+:class:`KVCache` adds the bookkeeping shared by all layers: how many positions are filled
+(``pos``), which of them are real tokens (``key_mask``, False on left padding) and each row's next
+rotary position (``next_position``, so padded rows continue at their own offsets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ernie_lab.model.config import ErnieConfig
+
+
+class LayerKV:
+    """Keys and values of one attention layer: ``[batch kv_head max_pos d_head]`` each."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``[batch kv_head new d_head]`` at ``pos``; return the filled prefix."""
+        end = pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: writing up to position {end}, capacity {self.k.shape[2]}")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """All layers' caches plus position bookkeeping. Create with :meth:`allocate`."""
+
+    def __init__(self, layers: list[LayerKV], key_mask: torch.Tensor):
+        self.layers = layers
+        self.key_mask = key_mask  # [batch max_pos] bool: True where the key is a real token
+        self.pos = 0  # filled positions (same for every row; padding keeps rows aligned)
+        self.padded = False  # any padding among the cached keys (set when a mask is written)
+        self.next_position = torch.zeros(key_mask.shape[0], dtype=torch.long, device=key_mask.device)
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ErnieConfig,
+        batch: int,
+        max_pos: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | Sequence[torch.device | str] | None = None,
+        home: torch.device | str | None = None,
+    ) -> KVCache:
+        """Zeroed keys and values for ``max_pos`` positions. ``device`` is one device for every layer,
+        or one per layer (a model spread over devices); the bookkeeping (key mask, next positions)
+        lives on ``home``, by default the first layer's device."""
+        if max_pos > config.max_position_embeddings:
+            raise ValueError(
+                f"KV cache of {max_pos} positions exceeds max_position_embeddings={config.max_position_embeddings}"
+            )
+        n_layer = config.num_hidden_layers
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * n_layer
+        if len(devices) != n_layer:
+            raise ValueError(f"{len(devices)} cache devices given for {n_layer} layers")
+        shape = (batch, config.num_key_value_heads, max_pos, config.d_head)
+        layers = [
+            LayerKV(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
+            for d in devices
+        ]
+        return cls(layers, torch.ones(batch, max_pos, dtype=torch.bool, device=home or devices[0]))
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_pos: int) -> KVCache:
+        """A cache in ``model``'s dtype with each layer on the device of its decoder layer, and the
+        bookkeeping on the embedding's device (where the input ids and positions live)."""
+        devices = [block.input_layernorm.weight.device for block in model.blocks]
+        embed = model.model.embed_tokens.weight
+        return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.key_mask.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(2 * lkv.k.numel() * lkv.k.element_size() for lkv in self.layers)

@@ -1,0 +1,85 @@
+"""Plots of activation-patching DataFrames (``patching.py``, ``attribution.py``).
+
+Each function takes the tidy frame a grid returns and gives back a matplotlib ``Figure`` (built
+without pyplot, so nothing is left open; Jupyter shows a returned Figure). Effects use a diverging
+map centred on 0 (blue = restores the source run's metric, red = pushes the other way).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ernie_lab.patching.attribution import merge_effects
+
+
+def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str) -> Figure:
+    data = table.to_numpy(dtype=float)
+    finite = np.abs(data[np.isfinite(data)])
+    vmax = max(float(finite.max()) if finite.size else 1.0, 1e-9)
+    long_labels = max((len(t) for t in xticklabels), default=0) > 3
+    height = 0.4 * data.shape[0] + 1.5 + (0.08 * max(len(t) for t in xticklabels) if long_labels else 0)
+    fig = Figure(figsize=(max(4.0, 0.45 * data.shape[1] + 2.5), max(3.0, height)))
+    ax = fig.subplots()
+    im = ax.imshow(data, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(data.shape[1]), xticklabels, rotation=90 if long_labels else 0)
+    ax.set_yticks(range(data.shape[0]), [str(L) for L in table.index])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=value)
+    fig.tight_layout()
+    return fig
+
+
+def plot_patching_heatmap(df: pd.DataFrame, value: str = "effect", tokens=None, title: str | None = None) -> Figure:
+    """Layer x position heatmap of ``value`` from a per-position grid (columns layer, pos).
+
+    ``tokens``: x labels, one per position; default the frame's ``token`` column, else positions.
+    """
+    missing = {"layer", "pos", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"the frame lacks columns {sorted(missing)} (a per-position grid is needed)")
+    if "hook" in df and df["hook"].nunique() > 1:
+        raise ValueError(f"the frame mixes hooks {sorted(df['hook'].unique())}; plot one at a time")
+    table = df.pivot_table(index="layer", columns="pos", values=value, aggfunc="mean", dropna=False)
+    if tokens is None and "token" in df:
+        tokens = df.drop_duplicates("pos").set_index("pos")["token"].reindex(table.columns).tolist()
+    labels = (
+        [str(p) for p in table.columns]
+        if tokens is None
+        else [f"{t} ({p})" for p, t in zip(table.columns, tokens, strict=True)]
+    )
+    hook = df["hook"].iloc[0] if "hook" in df else "patch"
+    return _heatmap(table, title or f"{hook}: {value}", "position", labels, value)
+
+
+def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = None) -> Figure:
+    """Layer x head heatmap of ``value`` (a per-position head grid is averaged over positions)."""
+    missing = {"layer", "head", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"the frame lacks columns {sorted(missing)} (a head grid is needed)")
+    table = df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean", dropna=False)
+    return _heatmap(table, title or f"heads: {value}", "head", [str(h) for h in table.columns], value)
+
+
+def plot_attribution_vs_exact(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> Figure:
+    """Scatter of attribution-patching estimates against exact patching, with y = x and Pearson r."""
+    merged = merge_effects(exact_df, attr_df, value).dropna()
+    x, y = merged[f"{value}_exact"].to_numpy(), merged[f"{value}_attr"].to_numpy()
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    color = merged.get("layer")
+    points = ax.scatter(x, y, c=color, cmap="viridis", s=18)
+    if color is not None:
+        fig.colorbar(points, ax=ax, label="layer")
+    both = np.concatenate([x, y]) if len(x) else np.zeros(1)
+    lo, hi = float(both.min()), float(both.max())
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+    r = np.corrcoef(x, y)[0, 1] if len(x) > 1 else float("nan")
+    ax.set_xlabel(f"exact {value}")
+    ax.set_ylabel(f"attribution {value}")
+    ax.set_title(f"attribution vs exact (r = {r:.3f}, n = {len(x)})")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,186 @@
+"""The clean/corrupted runs every patching grid starts from (see ``patching/grids.py``).
+
+:class:`PatchingRuns` holds the two inputs, the metric and both runs' values, caches source
+activations and runs batches of patches; the grids (``grids.py``, ``moe.py``) and attribution
+patching (``attribution.py``) build on it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ernie_lab.patching.metrics import Metric, reduce_metric
+
+Hooks = list[tuple[str, Callable]]
+RESIDUAL_HOOKS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+DIRECTIONS = ("denoising", "noising")
+
+
+# ---------------------------------------------------------------------------------------- setup
+def _as_ids(ids, name: str) -> torch.Tensor:
+    t = torch.as_tensor(ids)
+    if t.ndim == 1:
+        t = t[None]
+    if t.ndim != 2 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be [pos] or [batch pos] token ids, got shape {tuple(t.shape)}")
+    return t.long()
+
+
+class PatchingRuns:
+    """The runs and bookkeeping shared by every patching grid; see :class:`~ernie_lab.patching.grids.PatchingSetup`."""
+
+    def __init__(
+        self,
+        model,
+        clean_ids,
+        corrupt_ids,
+        metric: Metric,
+        *,
+        direction: str = "denoising",
+        tokenizer=None,
+        fwd_hooks: Hooks = (),
+        batch_size: int = 32,
+        progress: bool = True,
+    ):
+        clean, corrupt = _as_ids(clean_ids, "clean_ids"), _as_ids(corrupt_ids, "corrupt_ids")
+        if clean.shape[1] != corrupt.shape[1]:
+            raise ValueError(
+                f"clean_ids has {clean.shape[1]} tokens but corrupt_ids has {corrupt.shape[1]}; "
+                "activation patching needs inputs of equal token length"
+            )
+        if clean.shape[0] != corrupt.shape[0]:
+            raise ValueError(f"clean_ids has {clean.shape[0]} prompts but corrupt_ids has {corrupt.shape[0]}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.metric, self.direction = model, metric, direction
+        self.tokenizer, self.fwd_hooks = tokenizer, list(fwd_hooks)
+        self.batch_size, self.progress = batch_size, progress
+        self.clean_ids, self.corrupt_ids = clean, corrupt
+        self.n_prompts, self.n_pos = clean.shape
+        self.n_layers = model.config.num_hidden_layers
+        with torch.no_grad():
+            self.clean_logits = model.run_with_hooks(clean, fwd_hooks=self.fwd_hooks)
+            self.corrupt_logits = model.run_with_hooks(corrupt, fwd_hooks=self.fwd_hooks)
+            self.m_clean = reduce_metric(metric(self.clean_logits)).item()
+            self.m_corrupt = reduce_metric(metric(self.corrupt_logits)).item()
+        denoise = direction == "denoising"
+        self.base_ids, self.source_ids = (corrupt, clean) if denoise else (clean, corrupt)
+        self.m_base, self.m_source = (self.m_corrupt, self.m_clean) if denoise else (self.m_clean, self.m_corrupt)
+        if self.m_source == self.m_base:
+            warnings.warn(
+                f"m(clean) == m(corrupt) == {self.m_clean}: normalised effects are 0/0 and reported as NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._caches: dict[str, dict[str, torch.Tensor]] = {"base": {}, "source": {}}
+
+    # ------------------------------------------------------------------------ helpers
+    def effect(self, m):
+        """Normalised effect of patched metric value(s) ``m`` (NaN when m(source) == m(base))."""
+        gap = self.m_source - self.m_base
+        m = np.asarray(m, dtype=np.float64)
+        return (m - self.m_base) / gap if gap != 0 else np.full_like(m, math.nan)
+
+    def acts(self, run: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Activations of the ``"base"`` or ``"source"`` run at ``names`` (cached, one forward per miss)."""
+        store = self._caches[run]
+        missing = [n for n in names if n not in store]
+        if missing:
+            ids = self.base_ids if run == "base" else self.source_ids
+            _, cache = self.model.run_with_cache(ids, names_filter=missing, fwd_hooks=self.fwd_hooks)
+            store.update(cache.items())
+        return {n: store[n] for n in names}
+
+    def token_labels(self) -> list[str] | None:
+        """One label per position from the first prompt pair, or None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        labels = []
+        for ids in (self.clean_ids[0], self.corrupt_ids[0]):
+            if hasattr(self.tokenizer, "convert_ids_to_tokens"):
+                labels.append(list(self.tokenizer.convert_ids_to_tokens(ids.tolist())))
+            else:
+                labels.append([self.tokenizer.decode([i]) for i in ids.tolist()])
+        return [c if c == r else f"{c}/{r}" for c, r in zip(*labels, strict=True)]
+
+    def _layers(self, layers, moe_only: bool = False) -> list[int]:
+        cfg = self.model.config
+        allowed = cfg.moe_layers if moe_only else list(range(self.n_layers))
+        if layers is None:
+            return allowed
+        layers = [int(L) for L in ([layers] if isinstance(layers, int) else layers)]
+        for L in layers:
+            if L not in allowed:
+                kind = "MoE layers" if moe_only else "layers"
+                raise ValueError(f"layer {L} is not one of the model's {kind} {allowed}")
+        return layers
+
+    def _positions(self, positions) -> list[int]:
+        if positions is None:
+            return list(range(self.n_pos))
+        out = []
+        for p in [positions] if isinstance(positions, int) else positions:
+            if not -self.n_pos <= p < self.n_pos:
+                raise ValueError(f"position {p} is outside the {self.n_pos} input positions")
+            out.append(p % self.n_pos)
+        return out
+
+    def _frame(self, rows: list[dict], metrics: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame(rows)
+        labels = self.token_labels()
+        if labels is not None and "pos" in df:
+            df.insert(list(df.columns).index("pos") + 1, "token", [labels[p] for p in df["pos"]])
+        df["metric"] = metrics
+        df["effect"] = self.effect(metrics)
+        return df
+
+    # ------------------------------------------------------------------------ batched runs
+    def run_patches(self, patches: list, make_hooks: Callable[[list], Hooks], desc: str = "patching") -> np.ndarray:
+        """Mean metric of the base run under each patch -> ``[len(patches)]`` (float64).
+
+        ``make_hooks(chunk)`` returns the forward hooks for a chunk of patches run together: the base
+        batch repeated ``len(chunk)`` times, copy ``i`` (rows ``i*batch .. (i+1)*batch``) patched by
+        ``chunk[i]``. At most ``batch_size`` sequences (and at least one patch) per forward pass.
+        """
+        per_pass = max(1, self.batch_size // self.n_prompts)
+        chunks = [patches[i : i + per_pass] for i in range(0, len(patches), per_pass)]
+        b, out = self.n_prompts, []
+        for chunk in tqdm(chunks, desc=desc, disable=not self.progress, leave=False):
+            ids = self.base_ids.repeat(len(chunk), 1)
+            with torch.no_grad():
+                logits = self.model.run_with_hooks(ids, fwd_hooks=self.fwd_hooks + make_hooks(chunk))
+                out += [reduce_metric(self.metric(logits[i * b : (i + 1) * b])).item() for i in range(len(chunk))]
+        return np.asarray(out, dtype=np.float64)
+
+    def masked_hooks(self, chunk: list[dict[str, torch.Tensor]]) -> Hooks:
+        """Hooks for patches given as ``{hook name: bool mask [batch ...leading dims]}``: where the mask
+        is True the activation takes the source run's value (trailing dims broadcast)."""
+        names = list(dict.fromkeys(n for patch in chunk for n in patch))
+        sources = self.acts("source", names)
+        hooks = []
+        for name in names:
+            src = sources[name]
+            shape = next(p[name].shape for p in chunk if name in p)
+            mask = torch.stack([p.get(name, torch.zeros(shape, dtype=torch.bool)) for p in chunk]).flatten(0, 1)
+            mask = mask.reshape(mask.shape + (1,) * (src.ndim - mask.ndim)).to(src.device)
+            hooks.append((name, _replace(mask, src.repeat(len(chunk), *[1] * (src.ndim - 1)))))
+        return hooks
+
+
+def _replace(mask: torch.Tensor, src: torch.Tensor) -> Callable:
+    def patch(x: torch.Tensor, hook) -> torch.Tensor:
+        return torch.where(mask.to(x.device), src.to(x.device), x)
+
+    return patch
+
+
+# ---------------------------------------------------------------------------------------- functions

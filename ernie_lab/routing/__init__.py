@@ -1,0 +1,47 @@
+"""Routing: what the routers did over a dataset, its statistics and their plots.
+
+``el.routing.collect_routing(model, data)`` gives a :class:`Routing` record; every statistic
+(``el.routing.expert_load(r)``, ...) takes one and returns a tidy DataFrame; plots take those.
+"""
+
+from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.routing.collect import collect_routing
+from ernie_lab.routing.plots import plot_coactivation, plot_entropy_by_layer, plot_load_heatmap, plot_specialisation
+from ernie_lab.routing.record import Routing
+from ernie_lab.routing.stats import (
+    balance,
+    bias_effect,
+    coactivation,
+    coactivation_matrix,
+    domain_specialisation,
+    expert_load,
+    layer_summary,
+    router_entropy,
+    routing_agreement,
+    shared_vs_routed,
+    topk_confidence,
+    vocab_specialisation,
+)
+
+__all__ = [
+    "Routing",
+    "collect_routing",
+    "as_sequences",
+    "iter_batches",
+    "expert_load",
+    "balance",
+    "router_entropy",
+    "layer_summary",
+    "topk_confidence",
+    "bias_effect",
+    "coactivation",
+    "coactivation_matrix",
+    "domain_specialisation",
+    "vocab_specialisation",
+    "routing_agreement",
+    "shared_vs_routed",
+    "plot_load_heatmap",
+    "plot_coactivation",
+    "plot_specialisation",
+    "plot_entropy_by_layer",
+]

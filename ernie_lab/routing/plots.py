@@ -1,0 +1,93 @@
+"""Plots of routing statistics; each takes the DataFrame a ``routing.stats`` function returns and
+returns a matplotlib Figure (built without pyplot, Agg-safe)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ernie_lab.plots import heatmap, new_figure, pivot
+
+
+def _one_layer(df: pd.DataFrame, layer: int | None, what: str) -> tuple[pd.DataFrame, int]:
+    layers = sorted(df["layer"].unique())
+    if layer is None:
+        if len(layers) != 1:
+            raise ValueError(f"{what}: the frame holds layers {layers}; pass layer=")
+        layer = layers[0]
+    if layer not in layers:
+        raise ValueError(f"{what}: layer {layer} not in the frame (layers {layers})")
+    return df[df["layer"] == layer], int(layer)
+
+
+def plot_load_heatmap(df: pd.DataFrame, value: str = "load") -> Figure:
+    """Layer x expert heatmap of ``expert_load(r)[value]`` (``load``, ``wload`` or ``mean_prob``).
+
+    Load is shown on a diverging scale centred on uniform routing 1/E.
+    """
+    table = pivot(df, "layer", "expert", value)
+    n_expert = table.shape[1]
+    fig, ax = new_figure(figsize=(max(6.0, 0.18 * n_expert + 2), max(2.5, 0.3 * len(table) + 1.5)))
+    center = 1.0 / n_expert if value in ("load", "wload", "mean_prob") else None
+    heatmap(ax, table, cmap="RdBu_r", center=center, label=value)
+    ax.set_title(f"expert {value} per MoE layer (uniform = 1/{n_expert})")
+    return fig
+
+
+def plot_coactivation(df: pd.DataFrame, layer: int | None = None, value: str = "frac") -> Figure:
+    """Expert x expert heatmap of ``coactivation(r)`` for one layer: ``frac`` = C[i, j] (row i
+    normalised by the tokens routed to i) or the raw ``count``."""
+    sub, layer = _one_layer(df, layer, "plot_coactivation")
+    table = pivot(sub, "i", "j", value)
+    if value == "frac":
+        table = table.mask(np.eye(len(table), dtype=bool))  # the diagonal is 1 by definition
+    size = max(4.5, 0.15 * len(table) + 2.5)
+    fig, ax = new_figure(figsize=(size + 1, size))
+    heatmap(ax, table, cmap="magma", label=value)
+    ax.set_title(f"layer {layer}: co-activation ({value}; row = given expert i)")
+    return fig
+
+
+def plot_specialisation(
+    df: pd.DataFrame, layer: int | None = None, value: str = "lift", top: int | None = None
+) -> Figure:
+    """Group x expert heatmap of ``domain_specialisation(r)[value]`` for one layer.
+
+    The lift is drawn on a diverging scale centred on 1 (uniform routing). ``top`` keeps only the
+    ``top`` experts with the highest lift in any group, ordered by that maximum.
+    """
+    sub, layer = _one_layer(df, layer, "plot_specialisation")
+    table = pivot(sub, "group", "expert", value)
+    if top is not None:
+        table = table[table.max(axis=0).sort_values(ascending=False).index[:top]]
+    fig, ax = new_figure(figsize=(max(6.0, 0.22 * table.shape[1] + 2.5), max(2.5, 0.35 * len(table) + 1.5)))
+    heatmap(ax, table, cmap="RdBu_r", center=1.0 if value == "lift" else None, label=value)
+    ax.set_title(f"layer {layer}: expert {value} per group" + (f" (top {top} experts)" if top else ""))
+    return fig
+
+
+def plot_entropy_by_layer(df: pd.DataFrame, value: str = "entropy") -> Figure:
+    """Distribution of a per-token value by layer.
+
+    Takes ``router_entropy(r)`` (or ``topk_confidence(r)`` with ``value="confidence"``): a box per
+    layer with the mean marked; or a ``layer_summary`` frame (columns mean, q10, q90): the mean with
+    a 10-90 % band.
+    """
+    fig, ax = new_figure(figsize=(7.0, 4.0))
+    if value in df.columns:
+        layers = sorted(df["layer"].unique())
+        data = [df.loc[df["layer"] == L, value].to_numpy() for L in layers]
+        ax.boxplot(data, positions=np.arange(len(layers)), showfliers=False, widths=0.6)
+        ax.plot(np.arange(len(layers)), [d.mean() for d in data], "o", label="mean")
+        ax.set_xticks(np.arange(len(layers)), [str(L) for L in layers])
+    elif {"mean", "q10", "q90"} <= set(df.columns):
+        ax.plot(df["layer"], df["mean"], "o-", label="mean")
+        ax.fill_between(df["layer"], df["q10"], df["q90"], alpha=0.3, label="10-90 %")
+    else:
+        raise KeyError(f"the frame has neither a {value!r} column nor mean/q10/q90; it has {list(df.columns)}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{value} (normalised by log E)" if value == "entropy" else value)
+    ax.set_title(f"router {value} by layer")
+    ax.legend()
+    return fig

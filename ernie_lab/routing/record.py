@@ -1,0 +1,110 @@
+"""The routing record: what the routers of an ERNIE 4.5 MoE model did on N real tokens.
+
+Axes: ``layer`` (MoE layers, in ``Routing.layers`` order), ``N`` (real tokens of the dataset, in
+reading order: sequence by sequence, position by position), ``expert``, ``topk``.
+
+Memory: ``probs`` is fp32 ``[layer N expert]`` on the CPU, 4 * layers * experts bytes per token
+(27 * 64 * 4 = 7 KB per token for ERNIE-4.5-21B-A3B: 100k tokens need about 0.7 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Routing:
+    """What the routers did on N real tokens, per MoE layer (all tensors on the CPU).
+
+    Required: ``layers`` (MoE layer indices), ``probs [layer N expert]`` (unbiased softmax, fp32) and
+    ``idx [layer N topk]`` (selected experts). Omitted fields are filled in: ``weights`` as the
+    renormalised probabilities of the selected experts, ``bias`` as zeros, ``token_ids`` as zeros,
+    ``seq`` as zeros and ``pos`` as ``0..N-1`` (one sequence). So a hand-built Routing needs only
+    layers, probs and idx.
+
+    Fields:
+        weights ``[layer N topk]`` mixing weights; bias ``[layer expert]`` the correction bias
+        ``e_score_correction_bias``; token_ids ``[N]``; seq ``[N]`` index of the sequence in the
+        dataset; pos ``[N]`` position among the sequence's real tokens; groups ``[N]`` label per
+        token (domain, dataset, ...) or None; shared_norm / routed_norm / cosine ``[layer N]``:
+        L2 norms of the shared and routed outputs and the cosine between them (None when not
+        recorded; shared_norm and cosine are NaN for models without shared experts).
+    """
+
+    layers: list[int]
+    probs: torch.Tensor
+    idx: torch.Tensor
+    weights: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    groups: np.ndarray | None = None
+    shared_norm: torch.Tensor | None = None
+    routed_norm: torch.Tensor | None = None
+    cosine: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.layers = [int(L) for L in self.layers]
+        self.probs = torch.as_tensor(self.probs, dtype=torch.float32)
+        self.idx = torch.as_tensor(self.idx, dtype=torch.long)
+        n_layer, n, n_expert = self.probs.shape if self.probs.ndim == 3 else (None, None, None)
+        if n_layer is None or self.idx.ndim != 3 or self.idx.shape[:2] != (n_layer, n):
+            raise ValueError(
+                f"probs must be [layer N expert] and idx [layer N topk] with matching layer and N; got "
+                f"{tuple(self.probs.shape)} and {tuple(self.idx.shape)}"
+            )
+        if len(self.layers) != n_layer:
+            raise ValueError(f"{len(self.layers)} layers named but probs has {n_layer}")
+        if n and (self.idx.min() < 0 or self.idx.max() >= n_expert):
+            raise ValueError(f"idx holds experts outside [0, {n_expert})")
+        if self.weights is None:
+            w = self.probs.gather(-1, self.idx)
+            self.weights = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+        if self.bias is None:
+            self.bias = torch.zeros(n_layer, n_expert)
+        if self.token_ids is None:
+            self.token_ids = torch.zeros(n, dtype=torch.long)
+        if self.seq is None:
+            self.seq = torch.zeros(n, dtype=torch.long)
+        if self.pos is None:
+            self.pos = torch.arange(n)
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=object)
+        for name, want in (("weights", self.idx.shape), ("bias", (n_layer, n_expert))):
+            if tuple(getattr(self, name).shape) != tuple(want):
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(want)}")
+        for name in ("token_ids", "seq", "pos", "groups"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name} has length {len(value)}, expected N={n}")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.idx.shape[1]
+
+    @property
+    def n_experts(self) -> int:
+        return self.probs.shape[2]
+
+    @property
+    def k(self) -> int:
+        return self.idx.shape[2]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def layer_index(self, layer: int) -> int:
+        """Position of MoE layer ``layer`` along the ``layer`` axis."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not recorded; recorded MoE layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def __repr__(self) -> str:
+        return (
+            f"Routing({self.n_tokens} tokens, layers={self.layers}, experts={self.n_experts}, k={self.k}, "
+            f"groups={'yes' if self.groups is not None else 'no'})"
+        )

@@ -1,0 +1,267 @@
+"""Reports: the default spec in quick mode writes a complete folder, reruns give the same bytes, bad
+specs fail before anything is written, recipes named in a spec load and run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from markupsafe import escape
+
+from ernie_lab import cli
+from ernie_lab.io.sources import toy_dir
+from ernie_lab.io.tokenizer import load_tokenizer
+from ernie_lab.report.causal import RUNNERS as CAUSAL
+from ernie_lab.report.data import pair_batch, resolve_dataset
+from ernie_lab.report.routing import RUNNERS as ROUTING
+from ernie_lab.report.runner import run_report
+from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> tuple[Path, Path]:
+    """The default spec in quick mode, run twice into two folders."""
+    root = tmp_path_factory.mktemp("reports")
+    first = run_report(None, root / "a", quick=True, progress=False)
+    second = run_report(None, root / "b", quick=True, progress=False)
+    return first, second
+
+
+def _files(folder: Path, pattern: str) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob(pattern))}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+# --------------------------------------------------------------------------------------- spec
+def test_every_kind_has_a_runner_and_the_default_spec_uses_each():
+    assert set(KINDS) == set(ROUTING) | set(CAUSAL)
+    assert not set(ROUTING) & set(CAUSAL)
+    spec = resolve_spec(None)
+    assert {opts["kind"] for opts in spec["analyses"].values()} == set(KINDS)
+
+
+def test_quick_mode_merges_the_quick_block():
+    raw = load_spec(DEFAULT_SPEC)
+    full, quick = resolve_spec(None), resolve_spec(None, quick=True)
+    assert "quick" not in full and "quick" not in quick
+    for name, override in raw["quick"]["datasets"].items():
+        for key, value in override.items():
+            assert quick["datasets"][name][key] == value
+            assert full["datasets"][name].get(key) == raw["datasets"][name].get(key)
+    for sid, override in raw["quick"]["analyses"].items():
+        assert {k: quick["analyses"][sid][k] for k in override} == override
+
+
+def test_quick_without_a_quick_block_caps_datasets():
+    spec = {"datasets": {"d": {"prompt_set": "domains"}}, "analyses": {"expert_load": {"dataset": "d"}}}
+    assert resolve_spec(spec, quick=True)["datasets"]["d"]["limit"] == 8
+    assert resolve_spec(spec)["datasets"]["d"].get("limit") is None
+
+
+def test_yaml_and_toml_specs_resolve_alike(tmp_path):
+    spec = {
+        "model": "toy",
+        "datasets": {"d": {"texts": ["a b c", "d e f"], "groups": ["x", "y"]}},
+        "analyses": {"load": {"kind": "expert_load", "dataset": "d"}},
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "s.toml").write_text(
+        'model = "toy"\n[datasets.d]\ntexts = ["a b c", "d e f"]\ngroups = ["x", "y"]\n'
+        '[analyses.load]\nkind = "expert_load"\ndataset = "d"\n'
+    )
+    assert resolve_spec(tmp_path / "s.yaml") == resolve_spec(tmp_path / "s.toml") == resolve_spec(spec)
+
+
+DOMAINS = {"domains": {"prompt_set": "domains"}}  # the name analyses default to
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ({"analyses": {"no_such_analysis": {}}}, "no_such_analysis"),
+        ({"analyses": {"x": {"kind": "expert_lode"}}}, "expert_lode"),
+        ({"analyses": {"balance": {}}, "colour": "red"}, "colour"),
+        ({"datasets": {"d": {"prompt_set": "domains", "per_grup": 2}}, "analyses": {"balance": {}}}, "per_grup"),
+        ({"datasets": DOMAINS, "analyses": {"balance": {"layer": 1}}}, "layer"),
+        ({"datasets": {"d": {"prompt_set": "no_such_set"}}, "analyses": {"balance": {"dataset": "d"}}}, "no_such_set"),
+        ({"datasets": DOMAINS, "analyses": {"balance": {"dataset": "e"}}}, "'e'"),
+        ({"datasets": DOMAINS, "analyses": {"recipe_comparison": {}}}, "recipe"),
+        ({"datasets": DOMAINS, "analyses": {"r": {"kind": "recipe_comparison", "recipe": "nope"}}}, "nope"),
+        ({"datasets": {"d": {"texts": ["a"]}}, "analyses": {}}, "no analysis"),
+        ({"datasets": DOMAINS, "analyses": {"balance": {}}, "threads": 0}, "threads"),
+    ],
+)  # fmt: skip
+def test_bad_spec_is_named_and_writes_nothing(tmp_path, spec, named):
+    with pytest.raises(SpecError, match=named):
+        resolve_spec(spec)
+    out = tmp_path / "out"
+    with pytest.raises(SpecError, match=named):
+        run_report(spec, out, quick=True, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
+
+
+def test_wrong_dataset_kind_and_field_are_named(tmp_path):
+    spec = {"datasets": {"p": {"prompt_set": "patching_pairs"}}, "analyses": {"balance": {"dataset": "p"}}}
+    with pytest.raises(SpecError, match="balance.*pairs"):
+        run_report(spec, tmp_path / "out", progress=False)
+    spec = {
+        "datasets": {"d": {"prompt_set": "domains", "group_field": "lang"}},
+        "analyses": {"balance": {"dataset": "d"}},
+    }
+    with pytest.raises(SpecError, match="lang"):
+        run_report(spec, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_during_the_run_leaves_nothing(tmp_path):
+    # a dense layer is only found out once the model is loaded, inside the temporary folder
+    spec = {"datasets": {"d": {"texts": ["a b c"]}}, "analyses": {"coactivation": {"dataset": "d", "layers": [0]}}}
+    with pytest.raises(SpecError, match="not MoE layers"):
+        run_report(spec, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    spec = {"datasets": {"d": {"texts": ["a b c"]}}, "analyses": {"balance": {"dataset": "d"}}}
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_report(spec, tmp_path, progress=False)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------- default report
+def test_quick_default_report_is_complete(reports):
+    folder, _ = reports
+    spec = resolve_spec(None, quick=True)
+    html = (folder / "index.html").read_text(encoding="utf-8")
+    for sid, opts in spec["analyses"].items():
+        assert f'id="{sid}"' in html
+        assert str(escape(KINDS[opts["kind"]].explain)) in html  # the one-line explanation
+    figures, tables = _files(folder, "figures/*.png"), _files(folder, "tables/*.csv")
+    assert len(figures) >= len(spec["analyses"]) - 2 and len(tables) >= len(spec["analyses"])
+    assert all(data.startswith(b"\x89PNG") for data in figures.values())
+    for name in figures:  # embedded for offline reading, and linked
+        assert f'href="{name}"' in html
+    assert html.count("data:image/png;base64,") == len(figures)
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["quick"] is True and manifest["seeds"]["torch"] == spec["seed"]
+    assert (
+        manifest["spec"]["analyses"]["expert_importance"]["layers"] == spec["analyses"]["expert_importance"]["layers"]
+    )
+    assert set(manifest["versions"]) >= {"ernie_lab", "torch", "python"}
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(toy_dir().glob("*.safetensors"))}
+    assert {f["name"]: f["sha256"] for f in manifest["checkpoint"]["files"]} == expected
+    listed = manifest["files"]
+    assert set(listed) == set(figures) | set(tables)
+    assert all(hashlib.sha256((folder / f).read_bytes()).hexdigest() == h for f, h in listed.items())
+    assert _leftovers(folder.parent) == []
+
+
+def test_rerun_gives_identical_bytes(reports):
+    a, b = reports
+    for pattern in ("figures/*.png", "tables/*.csv"):
+        files_a, files_b = _files(a, pattern), _files(b, pattern)
+        assert files_a.keys() == files_b.keys() and files_a
+        different = [name for name in files_a if files_a[name] != files_b[name]]
+        assert different == [], f"not byte-identical on a rerun: {different}"
+    ma, mb = (json.loads((f / "manifest.json").read_text()) for f in (a, b))
+    assert {k: v for k, v in ma.items() if k != "timestamp"} == {k: v for k, v in mb.items() if k != "timestamp"}
+    html_a = (a / "index.html").read_text().replace(ma["timestamp"], "T")
+    html_b = (b / "index.html").read_text().replace(mb["timestamp"], "T")
+    assert html_a == html_b
+
+
+def test_rerun_into_the_same_folder_replaces_it(reports, tmp_path):
+    spec = {
+        "datasets": {"d": {"texts": ["The capital of Veloria is Mirren."]}},
+        "analyses": {"balance": {"dataset": "d"}},
+    }
+    out = run_report(spec, tmp_path / "r", progress=False)
+    (out / "stale.txt").write_text("from an earlier run")
+    run_report(spec, out, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_fixed_threads_give_the_same_bytes_whatever_the_process_uses(tmp_path):
+    import torch
+
+    spec = {
+        "threads": 1,
+        "datasets": {"d": {"prompt_set": "domains", "per_group": 1}},
+        "analyses": {"expert_load": {"dataset": "d"}, "router_entropy": {"dataset": "d"}},
+    }
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = run_report(spec, tmp_path / "a", progress=False)
+        assert torch.get_num_threads() == 2  # restored after the run
+        torch.set_num_threads(1)
+        b = run_report(spec, tmp_path / "b", progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((a / "manifest.json").read_text())["torch_threads"] == 1
+    for pattern in ("figures/*.png", "tables/*.csv"):
+        assert _files(a, pattern) == _files(b, pattern)
+
+
+# --------------------------------------------------------------------------------------- recipes, data
+@pytest.mark.parametrize("recipe", ["ablate_experts", "force_routing"])
+def test_recipes_named_in_a_spec_load_and_run(tmp_path, recipe):
+    params = {
+        "ablate_experts": {"experts": {"2": [0, 1]}, "mode": "reroute"},
+        "force_routing": {"experts": [0, 1], "layers": 2},
+    }
+    spec = {
+        "datasets": {"d": {"texts": ["The capital of Veloria is Mirren.", "12+7=19"], "groups": ["en", "math"]}},
+        "analyses": {"cmp": {"kind": "recipe_comparison", "dataset": "d", "recipe": recipe, "params": params[recipe]}},
+    }  # fmt: skip
+    out = run_report(spec, tmp_path / "r", progress=False)
+    import pandas as pd
+
+    agreement = pd.read_csv(out / "tables" / "cmp_agreement.csv")
+    load = pd.read_csv(out / "tables" / "cmp_load_difference.csv")
+    # the recipe acts on layer 2 only: layer 1 routes as before, layer 2 never uses the experts 0/1 (reroute)
+    # or only them (forced)
+    assert agreement.loc[agreement["layer"] == 1, "identical"].item() == 1.0
+    at2 = load[load["layer"] == 2]
+    used = at2.loc[at2["expert"].isin([0, 1]), "load_other"].sum()
+    assert used == (0.0 if recipe == "ablate_experts" else pytest.approx(1.0))
+    assert pd.read_csv(out / "tables" / "cmp_loss.csv")["group"].tolist() == ["all", "en", "math"]
+
+
+def test_dataset_selection_and_pair_batches():
+    data = resolve_dataset("d", {"prompt_set": "domains", "per_group": 2, "filter": {"domain": ["code", "chat"]}})
+    assert sorted(data.groups) == ["chat", "chat", "code", "code"]
+    shuffled = resolve_dataset("d", {"prompt_set": "domains", "shuffle": True, "limit": 5}, seed=1)
+    assert shuffled == resolve_dataset("d", {"prompt_set": "domains", "shuffle": True, "limit": 5}, seed=1)
+    pairs = resolve_dataset("p", {"prompt_set": "patching_pairs"})
+    tok = load_tokenizer("toy")
+    batch = pair_batch(tok, pairs.rows, task="ioi", n_pairs=3)
+    assert batch.clean.shape == batch.corrupt.shape and batch.clean.shape[0] <= 3
+    assert all(r["task"] == "ioi" for r in batch.rows)
+    assert bool((batch.answer != batch.distractor).all())
+    assert all(tok.encode(r["clean"]) == row.tolist() for r, row in zip(batch.rows, batch.clean, strict=True))
+    with pytest.raises(ValueError, match="no usable"):
+        pair_batch(tok, pairs.rows, task="no_such_task")
+
+
+def test_cli_reports_errors_and_writes(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"analyses": {"frobnicate": {}}}))
+    assert cli.main(["report", str(bad), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "frobnicate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        yaml.safe_dump({"datasets": {"d": {"texts": ["a b c d"]}}, "analyses": {"shared_vs_routed": {"dataset": "d"}}})
+    )
+    assert cli.main(["report", str(good), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "index.html").is_file() and "index.html" in capsys.readouterr().out

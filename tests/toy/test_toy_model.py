@@ -1,0 +1,139 @@
+"""The embedded toy checkpoint: loads everywhere, learned its corpus, experts specialise by domain.
+
+Floors are set well below what the shipped checkpoint reaches (its model card, data/toy/README.md,
+lists the measured values) so that they catch a broken checkpoint or loader, not noise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ernie_lab as el
+from ernie_lab.io.sources import toy_dir
+from ernie_lab.toy.evaluate import heldout_nll, routing_report, task_accuracy
+from ernie_lab.toy.prompts import load_prompt_set
+from ernie_lab.toy.train import TrainSettings, toy_config, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return el.load_model("toy"), el.load_tokenizer("toy")
+
+
+@pytest.fixture(scope="module")
+def domains():
+    rows = load_prompt_set("domains")
+    per_domain: dict[str, list] = {}
+    for r in rows:
+        per_domain.setdefault(r["domain"], []).append(r)
+    return [r for group in per_domain.values() for r in group[:16]]
+
+
+def test_toy_shape_is_ernie(toy):
+    model, tok = toy
+    cfg = model.config
+    assert not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, cfg.num_hidden_layers))
+    assert cfg.moe_num_experts >= 16 and cfg.moe_k > 1 and cfg.moe_num_shared_experts == 2
+    assert cfg.vocab_size == tok.vocab_size
+    assert (REPO / "data" / "toy" / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+def test_toy_matches_transformers(toy):
+    from transformers import Ernie4_5_MoeForCausalLM
+
+    model, tok = toy
+    hf = Ernie4_5_MoeForCausalLM.from_pretrained(toy_dir()).eval()
+    ids = torch.tensor([tok.encode("The capital of Veloria is Mirren. 37+45=82 北京很大。")])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
+
+
+def test_heldout_nll_far_below_shuffled(toy, domains):
+    model, tok = toy
+    nll = heldout_nll(model, tok, domains)
+    shuffled = heldout_nll(model, tok, domains, shuffle_seed=0)
+    assert set(nll["domain"]) == {"english", "chinese", "arithmetic", "code", "records", "chat"}
+    # every domain: the model predicts real text far better than the same tokens shuffled
+    gap = shuffled.set_index("domain")["nll"] - nll.set_index("domain")["nll"]
+    assert (gap > 1.0).all(), gap
+
+
+def test_task_accuracy_floors(toy):
+    model, tok = toy
+    # measured on the shipped checkpoint: recall 0.88, ioi 0.97, arithmetic 0.97, chat 0.72
+    # (arithmetic_2digit, 0.02, has no floor: the toy model recalls sums, it did not learn to add)
+    floors = {"recall": 0.6, "ioi": 0.7, "arithmetic": 0.7, "chat": 0.4}
+    rows = [r for r in load_prompt_set("tasks") if r["task"] in floors]
+    acc = task_accuracy(model, tok, rows).set_index("task")["accuracy"]
+    for task, floor in floors.items():
+        assert acc[task] >= floor, f"{task} accuracy {acc[task]:.2f} < floor {floor}"
+
+
+def test_domains_route_differently(toy, domains):
+    model, tok = toy
+    rep = routing_report(model, tok, domains)
+    # total-variation distance between per-domain expert-load distributions, averaged over pairs
+    assert rep["tv"]["tv"].mean() > 0.2
+    bal = rep["balance"].groupby("bias")["max_vio"].mean()
+    assert bal["with"] < bal["without"]  # the correction bias balances the experts
+
+
+def test_train_smoke_lowers_loss_and_balances():
+    torch.manual_seed(0)
+    cfg = toy_config(256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, moe_intermediate_size=16)
+    model = el.ErnieMoE(cfg)
+    stream = torch.arange(4000) % 97 % 50  # a learnable periodic sequence
+    log = train(
+        model, stream, TrainSettings(steps=20, batch_size=4, seq_len=32, warmup=2, bias_gamma=0.01), progress=False
+    )
+    assert sum(log.loss[-5:]) / 5 < log.loss[0] - 0.5
+    bias = model.blocks[1].mlp.moe_statics.e_score_correction_bias
+    assert bias.abs().sum() > 0  # the bias moved
+    # under-loaded experts gained bias relative to over-loaded ones (direction of sign(mean - load))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(stream[:256].reshape(4, 64), names_filter="blocks.1.moe.hook_topk_idx")
+        zero = bias.clone()
+        bias.zero_()
+        _, cache0 = model.run_with_cache(stream[:256].reshape(4, 64), names_filter="blocks.1.moe.hook_topk_idx")
+        bias.copy_(zero)
+    load = torch.bincount(cache["blocks.1.moe.hook_topk_idx"].flatten(), minlength=cfg.moe_num_experts).float()
+    load0 = torch.bincount(cache0["blocks.1.moe.hook_topk_idx"].flatten(), minlength=cfg.moe_num_experts).float()
+    assert load.max() <= load0.max()
+
+
+def test_train_is_deterministic():
+    cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
+    stream = torch.arange(3000) % 61
+    logs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        logs.append(train(el.ErnieMoE(cfg), stream, TrainSettings(steps=4, batch_size=2, seq_len=16), progress=False))
+    assert logs[0].loss == logs[1].loss
+
+
+def test_toy_resolves_after_non_editable_install(tmp_path):
+    """``pip install .`` (not editable) ships data/ and hooks/ as ernie_lab._data and ernie_lab._hooks,
+    so "toy" and the recipes still resolve."""
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(REPO)]
+    subprocess.run(pip, check=True, capture_output=True)
+    code = (
+        "import ernie_lab, ernie_lab.io.sources as s; "
+        "m = ernie_lab.load_model('toy'); t = ernie_lab.load_tokenizer('toy'); "
+        "r = ernie_lab.interventions.load_recipe('ablate_experts'); "
+        "print(ernie_lab.__file__); print(s.toy_dir()); print(r.__file__); print(m.config.vocab_size == t.vocab_size)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+    )
+    module_file, toy_dir, recipe_file, ok = out.stdout.split()
+    assert all(p.startswith(str(target)) for p in (module_file, toy_dir, recipe_file)) and ok == "True"
