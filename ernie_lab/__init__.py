@@ -5,7 +5,7 @@
     logits, cache = model.run_with_cache(tokens)
 
 The package is a set of wings, each a subpackage (``model``, ``io``, ``generation``, ``routing``,
-``patching``, ``ablation``, ``report``, ``toy``, ``commands``); see the README's "Architecture".
+``patching``, ``ablation``, ``experts``, ``report``, ``toy``, ``commands``); see the README's "Architecture".
 Public names resolve lazily, so ``import ernie_lab`` stays cheap (no pandas/matplotlib until an
 analysis is used).
 """
@@ -40,6 +40,7 @@ _MODULES = (
     "routing",
     "patching",
     "ablation",
+    "experts",
     "report",
     "widgets",
     "plots",

@@ -31,6 +31,7 @@ from types import ModuleType
 import torch
 
 from ernie_lab.model.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
+from ernie_lab.steering import steer_experts as steer_experts  # public as el.interventions.steer_experts
 
 Hooks = list[tuple[NameSpec, HookFn]]
 

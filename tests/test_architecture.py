@@ -15,6 +15,7 @@ RANK = {
     "plots": 0,
     "model": 1,
     "io": 2,
+    "steering": 2,
     "generation": 3,
     "interventions": 3,
     "routing": 4,

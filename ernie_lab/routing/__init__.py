@@ -6,8 +6,18 @@
 
 from ernie_lab.io.datasets import as_sequences, iter_batches
 from ernie_lab.routing.collect import collect_routing
-from ernie_lab.routing.plots import plot_coactivation, plot_entropy_by_layer, plot_load_heatmap, plot_specialisation
+from ernie_lab.routing.persistence import jaccard_chance, overlap_chance, persistence
+from ernie_lab.routing.plots import (
+    plot_coactivation,
+    plot_entropy_by_layer,
+    plot_load_heatmap,
+    plot_nmi_by_distance,
+    plot_router_sources,
+    plot_specialisation,
+    plot_transitions,
+)
 from ernie_lab.routing.record import Routing
+from ernie_lab.routing.sources import router_logit_sources, source_summary
 from ernie_lab.routing.stats import (
     balance,
     bias_effect,
@@ -22,6 +32,7 @@ from ernie_lab.routing.stats import (
     topk_confidence,
     vocab_specialisation,
 )
+from ernie_lab.routing.transitions import nmi, paths, transition_counts, transition_nmi, transitions
 
 __all__ = [
     "Routing",
@@ -44,4 +55,17 @@ __all__ = [
     "plot_coactivation",
     "plot_specialisation",
     "plot_entropy_by_layer",
+    "persistence",
+    "overlap_chance",
+    "jaccard_chance",
+    "transitions",
+    "transition_counts",
+    "transition_nmi",
+    "nmi",
+    "paths",
+    "router_logit_sources",
+    "source_summary",
+    "plot_transitions",
+    "plot_nmi_by_distance",
+    "plot_router_sources",
 ]

@@ -91,3 +91,46 @@ def plot_entropy_by_layer(df: pd.DataFrame, value: str = "entropy") -> Figure:
     ax.set_title(f"router {value} by layer")
     ax.legend()
     return fig
+
+
+def plot_transitions(df: pd.DataFrame, value: str = "prob") -> Figure:
+    """Expert (layer a) x expert (layer b) heatmap of ``transitions(r, a, b)[value]``: the conditional
+    ``prob`` of the top-1 expert at b given the one at a, or its ``lift`` (diverging around 1)."""
+    table = pivot(df, "i", "j", value)
+    size = max(4.5, 0.15 * len(table) + 2.5)
+    fig, ax = new_figure(figsize=(size + 1, size))
+    heatmap(
+        ax, table, cmap="RdBu_r" if value == "lift" else "magma", center=1.0 if value == "lift" else None, label=value
+    )
+    a, b = int(df["layer_a"].iloc[0]), int(df["layer_b"].iloc[0])
+    ax.set_xlabel(f"top-1 expert at layer {b}")
+    ax.set_ylabel(f"top-1 expert at layer {a}")
+    ax.set_title(f"expert transitions {a} -> {b} ({value})")
+    return fig
+
+
+def plot_nmi_by_distance(df: pd.DataFrame) -> Figure:
+    """NMI of the top-1 choices of two layers against their distance (``transition_nmi``): one dot
+    per layer pair, the mean per distance as a line."""
+    fig, ax = new_figure(figsize=(6.0, 3.8))
+    ax.scatter(df["distance"], df["nmi"], s=14, alpha=0.6, label="layer pair")
+    mean = df.groupby("distance", sort=True)["nmi"].mean()
+    ax.plot(mean.index, mean.to_numpy(), "o-", color="tab:red", label="mean")
+    ax.set_xlabel("layer distance b - a")
+    ax.set_ylabel("NMI(top1_a; top1_b)")
+    ax.set_title("routing mutual information by layer distance")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_router_sources(df: pd.DataFrame, top: int | None = 20) -> Figure:
+    """Bars of each component's share of the router-logit variance (``source_summary``), the ``top``
+    largest |share| in the components' order."""
+    sub = df if top is None else df.loc[df["share"].abs().sort_values(ascending=False).index[:top]].sort_index()
+    fig, ax = new_figure(figsize=(max(5.0, 0.35 * len(sub) + 2), 3.8))
+    ax.bar(range(len(sub)), sub["share"], color="tab:purple")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(sub)), sub["component"].tolist(), rotation=90)
+    ax.set_ylabel("share of logit variance")
+    ax.set_title("where the router logits come from")
+    return fig

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.routing.persistence import consecutive
 from ernie_lab.routing.record import Routing
 
 
@@ -229,8 +230,14 @@ def domain_specialisation(r: Routing) -> pd.DataFrame:
     )
 
 
-def vocab_specialisation(r: Routing, tokenizer: Any = None, min_count: int = 5, top: int = 10) -> pd.DataFrame:
+def vocab_specialisation(
+    r: Routing, tokenizer: Any = None, min_count: int = 5, top: int = 10, key: str = "token"
+) -> pd.DataFrame:
     """Per (layer, expert): the ``top`` token ids with the highest lift.
+
+    ``key="token"`` keys each routing decision on the input token x_t; ``key="next_token"`` on the
+    ground-truth next token x_{t+1} (output-side specialisation; tokens without a next real token in
+    their sequence are left out, and loads are taken over the tokens kept).
 
     For token id v with ``n_v >= min_count`` occurrences: ``vspec(e, v) = #{t: x_t = v, e in S_t} / n_v``
     and ``lift = vspec(e, v) / load_e / k`` (1 = the expert takes v as often as any token; ANALYSES.md).
@@ -239,6 +246,11 @@ def vocab_specialisation(r: Routing, tokenizer: Any = None, min_count: int = 5, 
     Columns: layer, expert, rank (1 = highest lift), token_id, [token], n_v, hits, vspec, lift.
     ``token`` (readable string) is added when a tokenizer is given.
     """
+    if key == "next_token":
+        t, nxt = consecutive(r)
+        r = Routing(r.layers, r.probs[:, t], r.idx[:, t], r.weights[:, t], r.bias, token_ids=r.token_ids[nxt])
+    elif key != "token":
+        raise ValueError(f"key must be 'token' or 'next_token', got {key!r}")
     _require_tokens(r)
     vocab, inverse, n_v = torch.unique(r.token_ids, return_inverse=True, return_counts=True)
     keep = n_v >= min_count

@@ -1,0 +1,50 @@
+"""Expert-level analyses: saliency (frequency, EAN, REAP, EASY-EP) and pruning sets, super experts
+and the sink test, risk difference between prompt sets (for steering), the top-k truncation lens and
+top-rank knockout, router geometry. Formulas: ANALYSES.md "Expert-level analyses"."""
+
+from ernie_lab.experts.collect import ExpertSums, expert_sums
+from ernie_lab.experts.geometry import router_cosines, router_geometry
+from ernie_lab.experts.plots import (
+    plot_knockout,
+    plot_risk_difference,
+    plot_saliency,
+    plot_saliency_vs_importance,
+    plot_super_experts,
+    plot_truncation_lens,
+)
+from ernie_lab.experts.risk import risk_difference, steering_sets
+from ernie_lab.experts.saliency import pruning_sets, saliency, saliency_vs_importance, spearman
+from ernie_lab.experts.super import sink_test, super_experts
+from ernie_lab.experts.truncation import (
+    knockout_topk,
+    topk_knockout,
+    truncate_topk,
+    truncated_weights,
+    truncation_lens,
+)
+
+__all__ = [
+    "ExpertSums",
+    "expert_sums",
+    "saliency",
+    "pruning_sets",
+    "saliency_vs_importance",
+    "spearman",
+    "super_experts",
+    "sink_test",
+    "risk_difference",
+    "steering_sets",
+    "truncation_lens",
+    "truncated_weights",
+    "truncate_topk",
+    "topk_knockout",
+    "knockout_topk",
+    "router_cosines",
+    "router_geometry",
+    "plot_saliency",
+    "plot_saliency_vs_importance",
+    "plot_super_experts",
+    "plot_risk_difference",
+    "plot_truncation_lens",
+    "plot_knockout",
+]

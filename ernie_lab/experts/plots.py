@@ -1,0 +1,92 @@
+"""Plots of the expert-level analyses; each takes the DataFrame an ``ernie_lab.experts`` function
+returns and returns a matplotlib Figure (built without pyplot, Agg-safe)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ernie_lab.plots import heatmap, line_figure, new_figure, pivot
+
+
+def plot_saliency(df: pd.DataFrame, value: str = "reap") -> Figure:
+    """Layer x expert heatmap of a ``saliency`` column (``reap``, ``frequency``, ``easy_ep``, ...)."""
+    table = pivot(df, "layer", "expert", value)
+    fig, ax = new_figure(figsize=(max(6.0, 0.18 * table.shape[1] + 2), max(2.5, 0.3 * len(table) + 1.5)))
+    heatmap(ax, table, cmap="viridis", label=value)
+    ax.set_title(f"expert saliency: {value}")
+    return fig
+
+
+def plot_saliency_vs_importance(df: pd.DataFrame) -> Figure:
+    """Spearman rho per layer (x) of each saliency score with the ablation Δloss, from
+    ``saliency_vs_importance``: does the observational score predict the causal effect?"""
+    fig, ax = new_figure(figsize=(7.0, 3.8))
+    for score, sub in df.groupby("score", sort=False):
+        ax.plot(sub["layer"], sub["rho"], "o-", label=score)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xticks(sorted(df["layer"].unique()))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Spearman rho with Δloss")
+    ax.set_title("observational saliency vs causal importance")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_super_experts(df: pd.DataFrame) -> Figure:
+    """Each expert's ``peak`` output (log scale) by layer, super experts in red."""
+    fig, ax = new_figure(figsize=(7.0, 3.8))
+    normal, hot = df[~df["is_super"]], df[df["is_super"]]
+    ax.scatter(normal["layer"], normal["peak"].clip(lower=1e-12), s=12, color="tab:blue", label="expert")
+    ax.scatter(hot["layer"], hot["peak"].clip(lower=1e-12), s=30, color="tab:red", label="super expert")
+    for _, row in hot.iterrows():
+        ax.annotate(str(int(row["expert"])), (row["layer"], row["peak"]), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(df["layer"].unique()))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("peak |output|")
+    ax.set_title("expert output peaks")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_risk_difference(df: pd.DataFrame, top: int = 20) -> Figure:
+    """Bars of the ``top`` largest |rd| (layer, expert) pairs of ``risk_difference``: red = chosen
+    more on set A, blue = more on set B."""
+    sub = df.reindex(df["rd"].abs().sort_values(ascending=False, kind="stable").index).iloc[:top]
+    labels = [f"L{int(L)}.e{int(e)}" for L, e in zip(sub["layer"], sub["expert"], strict=True)]
+    fig, ax = new_figure(figsize=(max(5.0, 0.35 * len(sub) + 2), 3.8))
+    colors = np.where(sub["rd"] > 0, "tab:red", "tab:blue")
+    ax.bar(range(len(sub)), sub["rd"], color=colors)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(sub)), labels, rotation=90)
+    ax.set_ylabel("rd = p_a - p_b")
+    ax.set_title("experts selected more on set A (red) or B (blue)")
+    return fig
+
+
+def plot_truncation_lens(df: pd.DataFrame) -> Figure:
+    """Left: cosine of the truncated MoE output to the full one by k', per layer. Right: NLL with every
+    MoE layer truncated to k' (``truncation_lens``)."""
+    table = pivot(df, "k_prime", "layer", "cosine")
+    fig, axes = new_figure(1, 2, figsize=(9.0, 3.8))
+    for layer in table.columns:
+        axes[0].plot(table.index, table[layer], "o-", label=f"layer {layer}")
+    axes[0].set_xlabel("k' (experts kept)")
+    axes[0].set_ylabel("cos(y_k', y)")
+    axes[0].legend(fontsize=8)
+    nll = df.drop_duplicates("k_prime").sort_values("k_prime")
+    axes[1].plot(nll["k_prime"], nll["nll"], "o-")
+    for ax in axes:
+        ax.set_xticks(table.index.tolist())
+    axes[1].set_xlabel("k' (every MoE layer)")
+    axes[1].set_ylabel("mean NLL")
+    fig.suptitle("top-k truncation lens")
+    return fig
+
+
+def plot_knockout(df: pd.DataFrame) -> Figure:
+    """NLL against r, the number of top-ranked experts dropped (``topk_knockout``)."""
+    return line_figure(df, "r", [["nll"]], ["top-rank knockout"])

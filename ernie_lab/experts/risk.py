@@ -1,0 +1,81 @@
+"""Risk difference of expert selection between two prompt sets (SteerMoE, arXiv 2509.09660), and the
+steering sets it suggests for ``el.interventions.steer_experts``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ernie_lab.routing import Routing, collect_routing
+
+
+def _rates(r: Routing, marks: Sequence[Any] | None, name: str) -> tuple[torch.Tensor, int]:
+    """Selection rate ``[layer expert]`` over the (marked) tokens of ``r`` and how many tokens counted."""
+    keep = torch.ones(r.n_tokens, dtype=torch.bool)
+    if marks is not None:
+        parts = [torch.as_tensor(m, dtype=torch.bool).flatten() for m in marks]
+        lengths = torch.bincount(r.seq, minlength=len(parts)).tolist()
+        if len(parts) != int(r.seq.max()) + 1 or [len(p) for p in parts] != lengths:
+            raise ValueError(f"{name} needs one bool per real token of each sequence: lengths {lengths}")
+        keep = torch.cat(parts)
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError(f"{name} marks no token")
+    member = torch.zeros(len(r.layers), n, r.n_experts, dtype=torch.float64)
+    member.scatter_(2, r.idx[:, keep], 1.0)  # 1[e in S_t]
+    return member.mean(1), n
+
+
+def risk_difference(
+    model,
+    data_a: Any,
+    data_b: Any,
+    tokenizer: Any = None,
+    marks_a: Sequence[Any] | None = None,
+    marks_b: Sequence[Any] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Per (layer, expert): ``p_a`` and ``p_b``, the fraction of tokens of set A (B) whose selected
+    set (bias-corrected top-k) holds the expert, and ``rd = p_a - p_b``.
+
+    ``marks_a`` / ``marks_b``: optionally one bool sequence per prompt, one entry per real token,
+    restricting the rates to the marked tokens. Columns: layer, expert, p_a, p_b, rd, n_a, n_b.
+    """
+    rates = []
+    for data, marks, name in ((data_a, marks_a, "marks_a"), (data_b, marks_b, "marks_b")):
+        r = collect_routing(model, data, tokenizer, batch_size, progress=progress)
+        rates.append((*_rates(r, marks, name), r.layers))
+    (pa, na, layers), (pb, nb, _) = rates
+    n_expert = pa.shape[1]
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(layers, n_expert),
+            "expert": np.tile(np.arange(n_expert), len(layers)),
+            "p_a": pa.reshape(-1).numpy(),
+            "p_b": pb.reshape(-1).numpy(),
+            "rd": (pa - pb).reshape(-1).numpy(),
+            "n_a": na,
+            "n_b": nb,
+        }
+    )
+
+
+def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0) -> tuple[dict, dict]:
+    """``(on, off)`` for ``steer_experts`` that push generation towards set A: per layer the ``n``
+    experts with the largest ``rd`` (above ``min_rd``) on and the ``n`` with the most negative
+    (below ``-min_rd``) off."""
+    on, off = {}, {}
+    for layer, sub in df.groupby("layer", sort=True):
+        ranked = sub.sort_values(["rd", "expert"], ascending=[False, True], kind="stable")
+        up = ranked[ranked["rd"] > min_rd]["expert"].iloc[:n]
+        down = ranked[ranked["rd"] < -min_rd]["expert"].iloc[::-1][:n]
+        if len(up):
+            on[int(layer)] = sorted(int(e) for e in up)
+        if len(down):
+            off[int(layer)] = sorted(int(e) for e in down)
+    return on, off

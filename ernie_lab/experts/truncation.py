@@ -1,0 +1,151 @@
+"""Top-k truncation lens and top-rank knockout: how much of a MoE layer's output (and of the loss)
+its highest-weight experts carry (ANALYSES.md "Top-k truncation lens").
+
+Axes: batch pos topk d_model expert. The truncated weights of a token are ``w * keep * (sum w /
+sum w * keep)``: the kept experts' weights rescaled to the original total, which at k' = k is the
+identity bit for bit, so the lens at k' = k is the model exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from tqdm.auto import tqdm
+
+from ernie_lab.ablation import token_nll
+from ernie_lab.io.datasets import as_sequences, iter_batches
+
+
+def truncated_weights(w: torch.Tensor, k_prime: int) -> torch.Tensor:
+    """Keep the ``k_prime`` largest of ``w [... topk]``, rescaled to the original sum."""
+    keep = torch.zeros_like(w).scatter_(-1, w.topk(k_prime, dim=-1).indices, 1.0)
+    kept = w * keep
+    return kept * (w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny))
+
+
+def _check_k(model, k_prime: int) -> None:
+    if not 1 <= k_prime <= model.config.moe_k:
+        raise ValueError(f"k_prime must lie in 1..moe_k={model.config.moe_k}, got {k_prime}")
+
+
+def truncate_topk(model, k_prime: int, layers: Iterable[int] | None = None) -> list:
+    """Hooks keeping only each token's ``k_prime`` highest-weight experts (``hook_topk_weights``
+    ``[batch pos topk]`` edited by :func:`truncated_weights`) in ``layers`` (default: every MoE layer)."""
+    _check_k(model, k_prime)
+
+    def truncate(w: torch.Tensor, hook) -> torch.Tensor:
+        return truncated_weights(w, k_prime)
+
+    return [(f"blocks.{L}.moe.hook_topk_weights", truncate) for L in (layers or model.config.moe_layers)]
+
+
+def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
+    """Hooks dropping each token's ``r`` highest-ranked experts (by the bias-corrected selection
+    score) and routing it to the next ``k`` of the ranking; the model reweights them by their unbiased
+    probs, renormalised. ``r = 0`` selects what the model selects."""
+    cfg = model.config
+    if not 0 <= r <= cfg.moe_num_experts - cfg.moe_k:
+        raise ValueError(f"r must lie in 0..E-k={cfg.moe_num_experts - cfg.moe_k}, got {r}")
+    hooks = []
+    for L in layers or cfg.moe_layers:
+        stash, bias = {}, model.blocks[L].mlp.moe_statics.e_score_correction_bias
+
+        def keep_probs(p, hook, stash=stash) -> None:
+            stash["p"] = p
+
+        def knock(idx, hook, stash=stash, bias=bias) -> torch.Tensor:
+            scores = stash.pop("p") + bias.squeeze(0)
+            return scores.topk(idx.shape[-1] + r, dim=-1).indices[..., r:]
+
+        hooks += [(f"blocks.{L}.moe.hook_router_probs", keep_probs), (f"blocks.{L}.moe.hook_topk_idx", knock)]
+    return hooks
+
+
+def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``."""
+    total, count = np.zeros(len(hook_sets)), 0
+    batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
+    for ids, mask, _ in tqdm(batches, total=-(-len(sequences) // batch_size), disable=not progress, desc=desc):
+        for i, hooks in enumerate(hook_sets):
+            nll = token_nll(model, ids, mask, hooks)
+            total[i] += float(nll.nan_to_num(0.0).double().sum())
+        count += int(((mask[:, :-1] == 1) & (mask[:, 1:] == 1)).sum())
+    if count == 0:
+        raise ValueError("the dataset has no predicted token (every sequence needs >= 2 real tokens)")
+    return total / count
+
+
+def truncation_lens(
+    model, data: Any, tokenizer: Any = None, batch_size: int = 8, progress: bool = True
+) -> pd.DataFrame:
+    """Per MoE layer and k' = 1..k: ``cosine``, the mean over real tokens of ``cos(y^(k'), y)`` where
+    ``y`` is the layer's MoE output (routed + shared) and ``y^(k')`` the same with only the k'
+    highest-weight experts (weights rescaled); and ``nll``, the mean next-token NLL when every MoE
+    layer keeps only k' experts (k' = k: the model). Columns: layer, k_prime, cosine, nll, delta_nll.
+    """
+    cfg = model.config
+    layers, k = list(cfg.moe_layers), cfg.moe_k
+    sequences = as_sequences(data, tokenizer)
+    cos_sum = torch.zeros(len(layers), k, dtype=torch.float64)
+    n_real, state = 0, {}
+
+    def stash(name):
+        def keep(x, hook) -> None:
+            state[name] = x
+
+        return keep
+
+    def lens(y, hook):
+        f, w, real = state.pop("f"), state.pop("w").to(y.dtype), state["real"].to(y.device)
+        shared = state.pop("shared", 0.0)
+        for j in range(k):
+            y_j = einsum(f, truncated_weights(w, j + 1), "b p k d, b p k -> b p d") + shared
+            cos = F.cosine_similarity(y_j[real].float(), y[real].float(), dim=-1)
+            cos_sum[layers.index(hook.layer), j] += float(cos.double().sum())
+
+    probes = []
+    for L in layers:
+        probes += [(f"blocks.{L}.moe.hook_topk_weights", stash("w")), (f"blocks.{L}.moe.hook_expert_out", stash("f"))]
+        if cfg.moe_num_shared_experts:
+            probes.append((f"blocks.{L}.moe.hook_shared_out", stash("shared")))
+        probes.append((f"blocks.{L}.hook_mlp_out", lens))
+    batches = iter_batches(sequences, batch_size, cfg.pad_token_id or 0)
+    with torch.no_grad(), model.hooks(probes):
+        for ids, mask, _ in tqdm(batches, total=-(-len(sequences) // batch_size), disable=not progress, desc="lens"):
+            state["real"] = mask.bool()
+            n_real += int(mask.sum())
+            model(ids, attention_mask=mask)
+    nll = _mean_nll(model, sequences, [truncate_topk(model, j + 1) for j in range(k)], batch_size, progress, "k'")
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(layers, k),
+            "k_prime": np.tile(np.arange(1, k + 1), len(layers)),
+            "cosine": (cos_sum / n_real).reshape(-1).numpy(),
+            "nll": np.tile(nll, len(layers)),
+            "delta_nll": np.tile(nll - nll[-1], len(layers)),
+        }
+    )
+
+
+def topk_knockout(
+    model,
+    data: Any,
+    ranks: Iterable[int] | None = None,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Mean next-token NLL when every MoE layer drops each token's ``r`` top-ranked experts and takes
+    the next ``k`` (``ranks`` default 0..min(k, E-k); r = 0 is the model). Columns: r, nll, delta_nll."""
+    cfg = model.config
+    ranks = list(range(min(cfg.moe_k, cfg.moe_num_experts - cfg.moe_k) + 1) if ranks is None else ranks)
+    hook_sets = [knockout_topk(model, r) for r in ranks]  # validates every r first
+    sequences = as_sequences(data, tokenizer)
+    nll = _mean_nll(model, sequences, [[], *hook_sets], batch_size, progress, "knockout")
+    return pd.DataFrame({"r": ranks, "nll": nll[1:], "delta_nll": nll[1:] - nll[0]})

@@ -1,0 +1,66 @@
+"""Expert steering (SteerMoE, arXiv 2509.09660): force experts into or out of every token's top-k.
+
+Public as ``el.interventions.steer_experts``; a module of its own because it needs only the model,
+so ``interventions`` imports it from below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ernie_lab.model.hook_points import HookPoint
+
+
+def _experts(model, layer: int, experts: Iterable[int]) -> list[int]:
+    cfg = model.config
+    if layer not in cfg.moe_layers:
+        raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {cfg.moe_layers}")
+    out = sorted({int(e) for e in experts})
+    bad = [e for e in out if not 0 <= e < cfg.moe_num_experts]
+    if bad:
+        raise ValueError(f"experts {bad} of layer {layer} are out of range [0, {cfg.moe_num_experts})")
+    return out
+
+
+def steer_experts(
+    model, on: Mapping[int, Iterable[int]] | None = None, off: Mapping[int, Iterable[int]] | None = None
+) -> list:
+    """Hooks forcing ``on`` experts into and ``off`` experts out of every token's top-k.
+
+    ``on`` / ``off``: ``{layer: [expert, ...]}``. Hooks: ``blocks.{L}.moe.hook_router_probs``
+    ``[batch pos expert]`` (read) and ``hook_topk_idx`` ``[batch pos topk]`` (replaced by the top-k of
+    the bias-corrected selection scores ``probs + e_score_correction_bias`` with each ``on`` expert
+    set to ``max + 1`` and each ``off`` expert to ``-inf``). The model then weights the new set by
+    its unbiased probs, renormalised, so a forced-on expert with a tiny prob gets a tiny weight.
+    Works with ``run_with_hooks``, ``run_with_cache`` and ``model.generate(..., fwd_hooks=...)``
+    (every step). Raises ValueError when a layer has an expert in both, more than k on, or fewer
+    than k experts left.
+    """
+    on, off = dict(on or {}), dict(off or {})
+    k, n_expert = model.config.moe_k, model.config.moe_num_experts
+    hooks = []
+    for layer in sorted({int(L) for L in (*on, *off)}):
+        up, down = _experts(model, layer, on.get(layer, ())), _experts(model, layer, off.get(layer, ()))
+        if set(up) & set(down) or len(up) > k or n_expert - len(down) < k:
+            raise ValueError(
+                f"layer {layer}: on={up} and off={down} must be disjoint, with at most k={k} experts on "
+                f"and at most E-k={n_expert - k} off"
+            )
+        forced = torch.zeros(n_expert, dtype=torch.long)
+        forced[up], forced[down] = 1, -1
+        statics, stash = model.blocks[layer].mlp.moe_statics, {}
+
+        def keep_probs(probs: torch.Tensor, hook: HookPoint, stash=stash) -> None:
+            stash["probs"] = probs
+
+        def steer(idx: torch.Tensor, hook: HookPoint, stash=stash, forced=forced, statics=statics) -> torch.Tensor:
+            scores = stash.pop("probs") + statics.e_score_correction_bias.squeeze(0)
+            mark = forced.to(scores.device)
+            top = scores.amax(-1, keepdim=True) + 1.0
+            scores = torch.where(mark == 1, top, torch.where(mark == -1, float("-inf"), scores))
+            return scores.topk(idx.shape[-1], dim=-1).indices
+
+        hooks += [(f"blocks.{layer}.moe.hook_router_probs", keep_probs), (f"blocks.{layer}.moe.hook_topk_idx", steer)]
+    return hooks
