@@ -18,8 +18,8 @@ def _rates(r: Routing, marks: Sequence[Any] | None, name: str) -> tuple[torch.Te
     keep = torch.ones(r.n_tokens, dtype=torch.bool)
     if marks is not None:
         parts = [torch.as_tensor(m, dtype=torch.bool).flatten() for m in marks]
-        lengths = torch.bincount(r.seq, minlength=len(parts)).tolist()
-        if len(parts) != int(r.seq.max()) + 1 or [len(p) for p in parts] != lengths:
+        lengths = torch.bincount(r.seq).tolist()
+        if [len(p) for p in parts] != lengths:
             raise ValueError(f"{name} needs one bool per real token of each sequence: lengths {lengths}")
         keep = torch.cat(parts)
     n = int(keep.sum())
