@@ -12,9 +12,9 @@ from ernie_lab.experts.plots import (
     plot_super_experts,
     plot_truncation_lens,
 )
-from ernie_lab.experts.risk import risk_difference, steering_sets
-from ernie_lab.experts.saliency import pruning_sets, saliency, saliency_vs_importance, spearman
-from ernie_lab.experts.super import sink_test, super_experts
+from ernie_lab.experts.risk import risk_difference, risk_frame, selection_rate, steering_sets, token_marks
+from ernie_lab.experts.saliency import pruning_sets, saliency, saliency_frame, saliency_vs_importance, spearman
+from ernie_lab.experts.super import sink_test, super_experts, super_frame
 from ernie_lab.experts.truncation import (
     knockout_topk,
     topk_knockout,
@@ -27,12 +27,17 @@ __all__ = [
     "ExpertSums",
     "expert_sums",
     "saliency",
+    "saliency_frame",
     "pruning_sets",
     "saliency_vs_importance",
     "spearman",
     "super_experts",
+    "super_frame",
     "sink_test",
     "risk_difference",
+    "risk_frame",
+    "selection_rate",
+    "token_marks",
     "steering_sets",
     "truncation_lens",
     "truncated_weights",

@@ -13,21 +13,45 @@ import torch
 from ernie_lab.routing import Routing, collect_routing
 
 
-def _rates(r: Routing, marks: Sequence[Any] | None, name: str) -> tuple[torch.Tensor, int]:
-    """Selection rate ``[layer expert]`` over the (marked) tokens of ``r`` and how many tokens counted."""
-    keep = torch.ones(r.n_tokens, dtype=torch.bool)
-    if marks is not None:
-        parts = [torch.as_tensor(m, dtype=torch.bool).flatten() for m in marks]
-        lengths = torch.bincount(r.seq).tolist()
-        if [len(p) for p in parts] != lengths:
-            raise ValueError(f"{name} needs one bool per real token of each sequence: lengths {lengths}")
-        keep = torch.cat(parts)
-    n = int(keep.sum())
+def token_marks(r: Routing, marks: Sequence[Any] | None, name: str = "marks") -> torch.Tensor:
+    """``[N]`` bool over the tokens of ``r`` from one bool sequence per prompt (None: every token)."""
+    if marks is None:
+        return torch.ones(r.n_tokens, dtype=torch.bool)
+    parts = [torch.as_tensor(m, dtype=torch.bool).flatten() for m in marks]
+    lengths = torch.bincount(r.seq).tolist()
+    if [len(p) for p in parts] != lengths:
+        raise ValueError(f"{name} needs one bool per real token of each sequence: lengths {lengths}")
+    return torch.cat(parts)
+
+
+def selection_rate(r: Routing, tokens: torch.Tensor) -> torch.Tensor:
+    """``[layer expert]`` float64: the fraction of the ``tokens`` (``[N]`` bool) whose selected set
+    holds the expert."""
+    n = int(tokens.sum())
     if n == 0:
-        raise ValueError(f"{name} marks no token")
+        raise ValueError("no token is marked: the selection rate is undefined")
     member = torch.zeros(len(r.layers), n, r.n_experts, dtype=torch.float64)
-    member.scatter_(2, r.idx[:, keep], 1.0)  # 1[e in S_t]
-    return member.mean(1), n
+    member.scatter_(2, r.idx[:, tokens], 1.0)  # 1[e in S_t]
+    return member.mean(1)
+
+
+def risk_frame(r_a: Routing, tokens_a: torch.Tensor, r_b: Routing, tokens_b: torch.Tensor) -> pd.DataFrame:
+    """The :func:`risk_difference` table from two routing records and their ``[N]`` token masks."""
+    if r_a.layers != r_b.layers or r_a.n_experts != r_b.n_experts:
+        raise ValueError("the two routing records differ in layers or experts")
+    pa, pb = selection_rate(r_a, tokens_a), selection_rate(r_b, tokens_b)
+    n_expert = r_a.n_experts
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(r_a.layers, n_expert),
+            "expert": np.tile(np.arange(n_expert), len(r_a.layers)),
+            "p_a": pa.reshape(-1).numpy(),
+            "p_b": pb.reshape(-1).numpy(),
+            "rd": (pa - pb).reshape(-1).numpy(),
+            "n_a": int(tokens_a.sum()),
+            "n_b": int(tokens_b.sum()),
+        }
+    )
 
 
 def risk_difference(
@@ -46,23 +70,10 @@ def risk_difference(
     ``marks_a`` / ``marks_b``: optionally one bool sequence per prompt, one entry per real token,
     restricting the rates to the marked tokens. Columns: layer, expert, p_a, p_b, rd, n_a, n_b.
     """
-    rates = []
-    for data, marks, name in ((data_a, marks_a, "marks_a"), (data_b, marks_b, "marks_b")):
-        r = collect_routing(model, data, tokenizer, batch_size, progress=progress)
-        rates.append((*_rates(r, marks, name), r.layers))
-    (pa, na, layers), (pb, nb, _) = rates
-    n_expert = pa.shape[1]
-    return pd.DataFrame(
-        {
-            "layer": np.repeat(layers, n_expert),
-            "expert": np.tile(np.arange(n_expert), len(layers)),
-            "p_a": pa.reshape(-1).numpy(),
-            "p_b": pb.reshape(-1).numpy(),
-            "rd": (pa - pb).reshape(-1).numpy(),
-            "n_a": na,
-            "n_b": nb,
-        }
-    )
+    r_a = collect_routing(model, data_a, tokenizer, batch_size, progress=progress)
+    tokens_a = token_marks(r_a, marks_a, "marks_a")
+    r_b = collect_routing(model, data_b, tokenizer, batch_size, progress=progress)
+    return risk_frame(r_a, tokens_a, r_b, token_marks(r_b, marks_b, "marks_b"))
 
 
 def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ernie_lab.experts.collect import expert_sums
+from ernie_lab.experts.collect import ExpertSums, expert_sums
 
 SALIENCY_COLUMNS = ("frequency", "weighted_frequency", "ean_mean", "reap", "easy_ep")
 
@@ -26,7 +26,11 @@ def saliency(model, data: Any, tokenizer: Any = None, batch_size: int = 8, progr
     easy_ep (``sum_{X_e} g_e ||f_e|| (1 - cos(h, y)) / N``). Experts never selected get 0.
     Costs one forward pass per batch with the explicit expert path (``ernie-lab bench`` times it).
     """
-    s = expert_sums(model, data, tokenizer, batch_size, progress)
+    return saliency_frame(expert_sums(model, data, tokenizer, batch_size, progress))
+
+
+def saliency_frame(s: ExpertSums) -> pd.DataFrame:
+    """The :func:`saliency` table from accumulated :class:`ExpertSums`."""
     n = max(s.n_tokens, 1)
     selected = s.count.clamp(min=1)
     columns = {

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ernie_lab.experts.collect import expert_sums
+from ernie_lab.experts.collect import ExpertSums, expert_sums
 from ernie_lab.interventions import zero_ablate_experts
 from ernie_lab.io.datasets import as_sequences, iter_batches
 
@@ -33,9 +33,18 @@ def super_experts(
     (layer, expert) of the model. Columns: layer, expert, n_tokens, peak, peak_rank (1 = loudest of
     the model), is_super. Experts never selected have peak 0.
     """
+    _check_thresholds(quantile, rel)
+    return super_frame(expert_sums(model, data, tokenizer, batch_size, progress), quantile, rel)
+
+
+def _check_thresholds(quantile: float, rel: float) -> None:
     if not 0.0 < quantile < 1.0 or not 0.0 <= rel <= 1.0:
         raise ValueError(f"quantile must lie in (0, 1) and rel in [0, 1]; got quantile={quantile}, rel={rel}")
-    s = expert_sums(model, data, tokenizer, batch_size, progress)
+
+
+def super_frame(s: ExpertSums, quantile: float = 0.995, rel: float = 0.1) -> pd.DataFrame:
+    """The :func:`super_experts` table from accumulated :class:`ExpertSums`."""
+    _check_thresholds(quantile, rel)
     peak = s.peak.reshape(-1).numpy()
     threshold = max(float(np.quantile(peak, quantile)), rel * float(peak.max()))
     n_expert = s.peak.shape[1]
@@ -66,7 +75,12 @@ def _as_expert_map(experts) -> dict[int, list[int]]:
 
 
 def sink_test(
-    model, data: Any, experts: Mapping[int, Iterable[int]] | pd.DataFrame, tokenizer: Any = None, batch_size: int = 8
+    model,
+    data: Any,
+    experts: Mapping[int, Iterable[int]] | pd.DataFrame,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Zero-ablate ``experts`` and compare, per layer, before and after: ``max_t ||resid_post_t||``
     over real tokens and the mean attention mass on each sequence's first real token (over heads and
@@ -97,7 +111,8 @@ def sink_test(
     reads = [("blocks.*.hook_resid_post", on_resid), ("blocks.*.attn.hook_pattern", on_pattern)]
     batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
     with torch.no_grad():
-        for ids, mask, _ in tqdm(batches, total=-(-len(sequences) // batch_size), desc="sink test"):
+        n_batches = -(-len(sequences) // batch_size)
+        for ids, mask, _ in tqdm(batches, total=n_batches, disable=not progress, desc="sink test"):
             state["real"], state["first"] = mask.bool(), (mask == 0).sum(-1)
             n_queries += int(mask.sum())
             for run, hooks in enumerate(([], ablate)):

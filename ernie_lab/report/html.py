@@ -18,6 +18,7 @@ FAMILIES = {
     "routing": "Routing statistics",
     "patching": "Activation patching",
     "ablation": "Expert ablation",
+    "experts": "Expert-level analyses",
 }
 
 TEMPLATE = """<!DOCTYPE html>

@@ -97,7 +97,7 @@ def run_vocab_specialisation(ctx: Context, opts: dict, sec: Section) -> None:
     r = ctx.routing(opts["dataset"])
     layers = ctx.moe_layers(opts["layers"], f"analyses.{sec.id}.layers")
     try:
-        df = rt.vocab_specialisation(r, ctx.tokenizer, min_count=opts["min_count"], top=opts["top"])
+        df = rt.vocab_specialisation(r, ctx.tokenizer, min_count=opts["min_count"], top=opts["top"], key=opts["key"])
     except ValueError as err:  # too few tokens (e.g. a quick run): say so instead of failing the report
         sec.note(str(err))
         return

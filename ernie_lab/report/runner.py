@@ -44,6 +44,7 @@ from ernie_lab.io.weights import load_model
 from ernie_lab.report.causal import RUNNERS as CAUSAL
 from ernie_lab.report.context import Context, Section
 from ernie_lab.report.data import PairBatch, PairData, TextData, pair_batch, resolve_dataset
+from ernie_lab.report.experts import RUNNERS as EXPERTS
 from ernie_lab.report.html import render
 from ernie_lab.report.routing import RUNNERS as ROUTING
 from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
@@ -65,7 +66,7 @@ def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool 
     :class:`~ernie_lab.report.spec.SpecError` before anything is written.
     """
 
-    runners = {**ROUTING, **CAUSAL}
+    runners = {**ROUTING, **CAUSAL, **EXPERTS}
     resolved = resolve_spec(spec, quick=quick)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_destination(out_dir)

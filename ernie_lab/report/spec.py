@@ -112,7 +112,7 @@ KINDS: dict[str, Kind] = {
     "vocab_specialisation": Kind(
         "routing", "Vocabulary specialisation",
         "Per expert, the token ids routed to it most often relative to its load (lift > 1 = preferred).",
-        {**_TEXTS, "layers": None, "min_count": 5, "top": 10},
+        {**_TEXTS, "layers": None, "min_count": 5, "top": 10, "key": "token"},
     ),
     "shared_vs_routed": Kind(
         "routing", "Shared vs routed experts",
@@ -176,6 +176,55 @@ KINDS: dict[str, Kind] = {
         "ablation", "Ablation effect by group",
         "Δloss and KL(base || ablated) per token group when the chosen experts are ablated together.",
         {**_TEXTS, "experts": REQUIRED, "mode": "zero"},
+    ),
+    # ------------------------------------------------------------------ experts (report/experts.py)
+    "expert_saliency": Kind(
+        "experts", "Expert saliency",
+        "Observational expert scores: frequency, EAN (mean output norm), REAP (mean gate x output norm) and "
+        "EASY-EP; the least salient experts to prune, and whether each score ranks experts as ablation does.",
+        {**_TEXTS, "value": "reap", "prune": 4, "importance_layers": None},
+    ),
+    "super_experts": Kind(
+        "experts", "Super experts",
+        "Peak |output| of each expert; super experts pass both the quantile and the relative threshold. "
+        "The sink test ablates them and compares the residual norm and the attention on the first token.",
+        {**_TEXTS, "quantile": 0.995, "rel": 0.1},
+    ),
+    "routing_persistence": Kind(
+        "routing", "Routing persistence",
+        "How often consecutive tokens keep their top-1 expert, share an expert, and their Jaccard overlap, "
+        "against the chance levels of uniform independent routing.",
+        dict(_TEXTS),
+    ),
+    "expert_transitions": Kind(
+        "routing", "Expert transitions and paths",
+        "Where a token's top-1 expert at one layer sends it at another (lift over independence), the "
+        "normalised mutual information of the choices by layer distance, and the most frequent paths.",
+        {**_TEXTS, "layers": [1, 2], "top": 10},
+    ),
+    "router_sources": Kind(
+        "routing", "Router-logit sources",
+        "The router logits split exactly into residual components (embedding, attention and MLP/MoE outputs "
+        "of earlier layers); each component's share of the logit variance.",
+        {**_TEXTS, "layer": None, "n_texts": 8, "split_experts": False},
+    ),
+    "risk_difference": Kind(
+        "experts", "Risk difference and steering",
+        "Selection rate of each expert on one token group minus another (SteerMoE), and a greedy "
+        "continuation with the most differential experts forced on / off.",
+        {**_TEXTS, "group_a": None, "group_b": None, "top": 20, "steer": 1, "prompt_tokens": 12, "max_new_tokens": 8},
+    ),
+    "truncation_lens": Kind(
+        "experts", "Top-k truncation lens",
+        "Cosine of each MoE output with only its k' highest-weight experts to the full output, the loss "
+        "with every layer truncated to k', and the loss when the top-ranked experts are knocked out.",
+        dict(_TEXTS),
+    ),
+    "router_geometry": Kind(
+        "experts", "Router geometry",
+        "Off-diagonal cosines of the normalised router rows per layer, and their rank correlation with "
+        "co-activation counts.",
+        dict(_TEXTS),
     ),
 }  # fmt: skip
 

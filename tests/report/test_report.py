@@ -16,6 +16,7 @@ from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.report.causal import RUNNERS as CAUSAL
 from ernie_lab.report.data import pair_batch, resolve_dataset
+from ernie_lab.report.experts import RUNNERS as EXPERTS
 from ernie_lab.report.routing import RUNNERS as ROUTING
 from ernie_lab.report.runner import run_report
 from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
@@ -40,8 +41,8 @@ def _leftovers(parent: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------------- spec
 def test_every_kind_has_a_runner_and_the_default_spec_uses_each():
-    assert set(KINDS) == set(ROUTING) | set(CAUSAL)
-    assert not set(ROUTING) & set(CAUSAL)
+    assert set(KINDS) == set(ROUTING) | set(CAUSAL) | set(EXPERTS)
+    assert not set(ROUTING) & set(CAUSAL) and not (set(ROUTING) | set(CAUSAL)) & set(EXPERTS)
     spec = resolve_spec(None)
     assert {opts["kind"] for opts in spec["analyses"].values()} == set(KINDS)
 
