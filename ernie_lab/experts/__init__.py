@@ -3,6 +3,7 @@ and the sink test, risk difference between prompt sets (for steering), the top-k
 top-rank knockout, router geometry. Formulas: ANALYSES.md "Expert-level analyses"."""
 
 from ernie_lab.experts.collect import ExpertSums, expert_sums
+from ernie_lab.experts.cost import saliency_overhead
 from ernie_lab.experts.geometry import router_cosines, router_geometry
 from ernie_lab.experts.plots import (
     plot_knockout,
@@ -26,6 +27,7 @@ from ernie_lab.experts.truncation import (
 __all__ = [
     "ExpertSums",
     "expert_sums",
+    "saliency_overhead",
     "saliency",
     "saliency_frame",
     "pruning_sets",

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from ernie_lab.io.datasets import as_sequences, iter_batches
 
+_KEYS = ("count", "gate", "norm", "gate_norm", "easy")
+
 
 class _StopForward(Exception):
     """Raised after the last MoE layer: the rest of the forward pass is not needed."""
@@ -49,49 +51,47 @@ def expert_sums(
     """Run ``model`` over ``data`` (anything ``as_sequences`` accepts) and accumulate :class:`ExpertSums`.
 
     Per MoE layer the hooks read ``hook_resid_mid``, ``hook_topk_idx``, ``hook_topk_weights``,
-    ``hook_expert_out`` and ``hook_mlp_out``; each reduces its tensor to per-slot numbers ``[n topk]``
-    at once. ``fwd_hooks`` (e.g. an ablation) are active during the runs and see edits first.
+    ``hook_expert_out`` and ``hook_mlp_out``, reduce them to per-slot numbers ``[batch pos topk]``
+    (padding weighted 0) and add those into per-expert sums on the model's device: no activation is
+    stored and nothing syncs with the host until the end. ``fwd_hooks`` (e.g. an ablation) are active
+    during the runs and see edits first.
     """
     layers = list(model.config.moe_layers)
     if not layers:
         raise ValueError("the model has no MoE layer")
     sequences = as_sequences(data, tokenizer)
-    n_layer, n_expert = len(layers), model.config.moe_num_experts
-    sums = {k: torch.zeros(n_layer, n_expert, dtype=torch.float64) for k in ("count", "gate", "norm", "gate_norm")}
-    sums["easy"] = torch.zeros(n_layer, n_expert, dtype=torch.float64)
-    sums["peak"] = torch.zeros(n_layer, n_expert, dtype=torch.float64)
+    n_expert = model.config.moe_num_experts
+    # accumulated on the model's device (no host sync per hook): [layer key expert], keys as _KEYS
+    acc: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {}
 
-    def real(x: torch.Tensor) -> torch.Tensor:
-        return x[state["real"].to(x.device)]
-
     def on_resid_mid(x, hook):
-        state["h"] = real(model.blocks[hook.layer].post_attention_layernorm(x)).float()
+        state["h"] = model.blocks[hook.layer].post_attention_layernorm(x)
 
     def on_idx(x, hook):
-        state["idx"] = real(x).cpu()
+        state["idx"] = x
 
     def on_weights(x, hook):
-        state["g"] = real(x).double().cpu()
+        state["g"] = x
 
     def on_expert_out(x, hook):
-        f = real(x).float()  # [n topk d_model]
-        state["f_norm"] = f.norm(dim=-1).double().cpu()
-        state["f_peak"] = f.abs().amax(dim=-1).double().cpu()
+        state["f_norm"] = x.float().norm(dim=-1)  # [batch pos topk]
+        state["f_peak"] = x.float().abs().amax(dim=-1)
 
     def on_mlp_out(y, hook):
-        li, idx, g, f_norm = layers.index(hook.layer), state["idx"], state["g"], state["f_norm"]
-        away = (1.0 - F.cosine_similarity(state.pop("h"), real(y).float(), dim=-1)).double().cpu()  # [n]
-        flat = idx.flatten()
-        for key, values in (
-            ("count", torch.ones_like(g)),
-            ("gate", g),
-            ("norm", f_norm),
-            ("gate_norm", g * f_norm),
-            ("easy", g * f_norm * away[:, None]),
-        ):
-            sums[key][li].index_add_(0, flat, values.flatten())
-        sums["peak"][li].scatter_reduce_(0, flat, state["f_peak"].flatten(), reduce="amax")
+        if not acc:
+            dtype = torch.float32 if y.device.type == "mps" else torch.float64  # MPS has no float64
+            acc["sums"] = torch.zeros(len(layers), len(_KEYS), n_expert, dtype=dtype, device=y.device)
+            acc["peak"] = torch.zeros(len(layers), n_expert, dtype=dtype, device=y.device)
+        sums, li = acc["sums"], layers.index(hook.layer)
+        on = {"device": sums.device, "dtype": sums.dtype}  # layers may sit on several devices
+        real = state["real"].to(**on)[..., None]  # [batch pos 1]: 1 = real token, 0 = padding
+        g, f_norm = state.pop("g").to(**on) * real, state.pop("f_norm").to(**on)
+        away = 1.0 - F.cosine_similarity(state.pop("h").float(), y.float(), dim=-1).to(**on)[..., None]
+        values = torch.stack([real.expand_as(g), g, f_norm * real, g * f_norm, g * f_norm * away])  # [key b p k]
+        flat = state.pop("idx").flatten().to(sums.device)
+        sums[li].index_add_(1, flat, values.flatten(1))
+        acc["peak"][li].scatter_reduce_(0, flat, (state.pop("f_peak").to(**on) * real).flatten(), reduce="amax")
         if hook.layer == layers[-1]:
             raise _StopForward
 
@@ -106,8 +106,14 @@ def expert_sums(
     batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
     with torch.no_grad(), model.hooks(hooks):
         for ids, mask, _ in tqdm(batches, total=n_batches, disable=not progress, desc="experts"):
-            state["real"] = mask.bool()
+            state["real"] = mask.float()
             n_tokens += int(mask.sum())
             with contextlib.suppress(_StopForward):
                 model(ids, attention_mask=mask)
-    return ExpertSums(layers=layers, n_tokens=n_tokens, **sums)
+    sums = acc["sums"].double().cpu()
+    return ExpertSums(
+        layers=layers,
+        n_tokens=n_tokens,
+        **{key: sums[:, i] for i, key in enumerate(_KEYS)},
+        peak=acc["peak"].double().cpu(),
+    )
