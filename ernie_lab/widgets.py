@@ -1,9 +1,9 @@
-"""Notebook widgets: a routing explorer, a patching viewer and an ablation explorer.
+"""Notebook widgets: a routing explorer, a patching viewer, an ablation explorer and a steering explorer.
 
 Each widget is a thin ipywidgets shell around plain functions that return HTML strings, DataFrames
 or Figures (``routing_table``, ``routing_html``, ``topk_table``, ``patching_figure``,
-``ablation_summary``), so the logic is tested without a browser. ipywidgets is imported only when a
-widget is built: ``pip install 'ernie-lab[widgets]'``.
+``ablation_summary``, ``steered_continuations``), so the logic is tested without a browser.
+ipywidgets is imported only when a widget is built: ``pip install 'ernie-lab[widgets]'``.
 
 Every widget returns an ``ipywidgets.VBox`` with a ``controls`` attribute naming its parts, e.g.
 ``w = routing_explorer(model, tok); w.controls.layer.value = 3`` updates it as a click would.
@@ -17,11 +17,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
+import torch
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from ernie_lab import ablation as ab
-from ernie_lab.interventions import expert_mean_outputs
+from ernie_lab import experts as ex
+from ernie_lab.interventions import expert_mean_outputs, steer_experts
 from ernie_lab.patching.plots import plot_head_grid, plot_patching_heatmap
 from ernie_lab.plots import bar_figure, diverging_heatmap
 from ernie_lab.routing import collect_routing, routing_agreement
@@ -284,4 +286,64 @@ def ablation_explorer(model, tokenizer, texts: list[str], groups=None):
     run.on_click(on_run)
     box = w.VBox([w.HBox([layer, experts]), mode, run, effect, routing])
     box.controls = SimpleNamespace(layer=layer, experts=experts, mode=mode, run=run, effect=effect, routing=routing)
+    return box
+
+
+# --------------------------------------------------------------------------------------- steering
+def steered_continuations(model, tokenizer, prompt: str, on: dict, off: dict, max_new_tokens: int = 12) -> pd.DataFrame:
+    """Greedy continuations of ``prompt`` without and with ``steer_experts(model, on, off)``.
+
+    Columns: run ("plain" / "steered"), continuation.
+    """
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    rows = []
+    for run, hooks in (("plain", []), ("steered", steer_experts(model, on=on, off=off))):
+        out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, fwd_hooks=hooks, progress=False)
+        rows.append({"run": run, "continuation": tokenizer.decode(out[0, ids.shape[1] :].tolist())})
+    return pd.DataFrame(rows)
+
+
+def steering_explorer(model, tokenizer, prompt_sets: dict[str, list[str]], prompt: str = DEFAULT_TEXT):
+    """Pick two prompt sets -> risk-difference bars; then steer towards set A and regenerate.
+
+    ``prompt_sets``: name -> texts (e.g. the toy domains). ``controls``: set_a, set_b (Dropdown),
+    compare (Button), image (Image), n (IntSlider: experts per layer forced on / off), steer
+    (ToggleButton), prompt (Text), generate (Button), output (HTML).
+    """
+    w = _ipywidgets()
+    names = list(prompt_sets)
+    if len(names) < 2:
+        raise ValueError(f"steering_explorer needs at least two prompt sets, got {names}")
+    set_a = w.Dropdown(options=names, value=names[0], description="set A")
+    set_b = w.Dropdown(options=names, value=names[1], description="set B")
+    compare = w.Button(description="compare", button_style="primary")
+    image = w.Image(format="png")
+    n = w.IntSlider(value=1, min=1, max=model.config.moe_k, description="experts")
+    steer = w.ToggleButton(value=True, description="steer towards A")
+    text = w.Text(value=prompt, description="prompt")
+    generate = w.Button(description="generate")
+    output = w.HTML("<i>compare two sets, then generate</i>")
+    state: dict[str, Any] = {}
+
+    def on_compare(_=None) -> None:
+        rd = ex.risk_difference(model, prompt_sets[set_a.value], prompt_sets[set_b.value], tokenizer, progress=False)
+        state["rd"] = rd
+        image.value = figure_png(ex.plot_risk_difference(rd))
+
+    def on_generate(_=None) -> None:
+        if "rd" not in state:
+            on_compare()
+        on, off = ex.steering_sets(state["rd"], n=n.value) if steer.value else ({}, {})
+        table = steered_continuations(model, tokenizer, text.value, on, off)
+        output.value = f"<b>on</b> {html.escape(str(on))} <b>off</b> {html.escape(str(off))}" + table.to_html(
+            index=False
+        )
+
+    compare.on_click(on_compare)
+    generate.on_click(on_generate)
+    box = w.VBox([w.HBox([set_a, set_b, compare]), image, w.HBox([n, steer]), w.HBox([text, generate]), output])
+    box.controls = SimpleNamespace(
+        set_a=set_a, set_b=set_b, compare=compare, image=image, n=n, steer=steer, prompt=text, generate=generate,
+        output=output,
+    )  # fmt: skip
     return box
