@@ -186,12 +186,58 @@ REAL_21B = [
     "    display(el.ablation.plot_dla(dla))",
 ]
 
+EXPERTS = [
+    "# 06 · Expert-level analyses\n\nPer-expert saliency (frequency, EAN, REAP, EASY-EP) and whether it predicts the "
+    "ablation effect, super experts, how routing persists along a sequence and flows between layers, where router "
+    "logits come from, the top-k truncation lens, and steering experts by risk difference. Formulas: `ANALYSES.md`.",
+    setup("import pandas as pd"),
+    'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(2)\ntexts = docs.text.tolist()',
+    "**Saliency** per (layer, expert), from hooks in one pass; REAP = mean over the expert's tokens of gate weight "
+    "x output norm.",
+    'sal = el.experts.saliency(model, texts, tok, progress=False)\nel.experts.plot_saliency(sal, "reap")',
+    "**Does the observational score predict the ablation effect?** Spearman rho per layer with the zero-ablation "
+    "Δloss of `expert_importance`.",
+    "imp = el.ablation.expert_importance(model, texts, layers=[L], tokenizer=tok, progress=False)\n"
+    "el.experts.saliency_vs_importance(sal, imp)",
+    "The least salient experts form the sets `el.ablation` ablates: the loss when pruning them.",
+    'prune = el.experts.pruning_sets(sal.query("layer == @L"), "reap", n=4)\n'
+    "el.ablation.ablation_effect(model, texts, prune, tokenizer=tok, progress=False)",
+    "What the saliency pass costs against a plain forward pass over the same batches (wall clock; noisy on a busy "
+    "machine).",
+    "el.experts.saliency_overhead(model, texts, tok, repeats=2)",
+    "**Super experts**: rare, huge output activations (peak |output| above the 99.5 % quantile and 10 % of the "
+    "maximum).",
+    "sup = el.experts.super_experts(model, texts, tok, progress=False)\nel.experts.plot_super_experts(sup)",
+    "**Persistence**: do consecutive tokens keep their experts? Against uniform independent routing (chance).",
+    "r = el.routing.collect_routing(model, texts, tok, progress=False)\nel.routing.persistence(r)",
+    "**Transitions** of the top-1 expert from one layer to the next (lift over independence), the mutual "
+    "information by layer distance, and the most frequent paths.",
+    'el.routing.plot_transitions(el.routing.transitions(r, L, L + 1), "lift")',
+    "el.routing.plot_nmi_by_distance(el.routing.transition_nmi(r))",
+    "el.routing.paths(r, top=5, tokenizer=tok)",
+    "**Router-logit sources**: the last MoE router's logits split exactly into residual components.",
+    "batch = tok(texts[:4])\n"
+    "names, parts = el.routing.router_logit_sources(\n"
+    '    model, batch["input_ids"], model.config.moe_layers[-1], batch["attention_mask"]\n)\n'
+    'el.routing.plot_router_sources(el.routing.source_summary(names, parts, batch["attention_mask"]))',
+    "**Top-k truncation lens**: the MoE output with only its k' highest-weight experts, and the loss.",
+    "el.experts.plot_truncation_lens(el.experts.truncation_lens(model, texts, tok, progress=False))",
+    "**Risk difference** between two domains and **steering** towards the first (SteerMoE).",
+    'domains = sorted(docs.domain.unique())\na, b = (docs.query("domain == @d").text.tolist() for d in domains[:2])\n'
+    "rd = el.experts.risk_difference(model, a, b, tok, progress=False)\nel.experts.plot_risk_difference(rd)",
+    "on, off = el.experts.steering_sets(rd, n=1)\n"
+    "el.widgets.steered_continuations(model, tok, b[0][:40], on, off, max_new_tokens=8)",
+    "## Explore\nPick two prompt sets, compare, then generate with and without steering.",
+    'el.widgets.steering_explorer(model, tok, {d: g.text.tolist() for d, g in docs.groupby("domain")})',
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_routing_statistics.ipynb": ROUTING,
     "03_activation_patching.ipynb": PATCHING,
     "04_expert_ablation.ipynb": ABLATION,
     "05_real_21b_gpu.ipynb": REAL_21B,
+    "06_expert_analyses.ipynb": EXPERTS,
 }
 
 

@@ -16,6 +16,7 @@ EXPECTED = (
     "03_activation_patching.ipynb",
     "04_expert_ablation.ipynb",
     "05_real_21b_gpu.ipynb",
+    "06_expert_analyses.ipynb",
 )
 CELL_TIMEOUT_S = 300
 
