@@ -13,7 +13,14 @@ from ernie_lab.experts.plots import (
     plot_super_experts,
     plot_truncation_lens,
 )
-from ernie_lab.experts.risk import risk_difference, risk_frame, selection_rate, steering_sets, token_marks
+from ernie_lab.experts.risk import (
+    forced_weights,
+    risk_difference,
+    risk_frame,
+    selection_rate,
+    steering_sets,
+    token_marks,
+)
 from ernie_lab.experts.saliency import pruning_sets, saliency, saliency_frame, saliency_vs_importance, spearman
 from ernie_lab.experts.super import sink_test, super_experts, super_frame
 from ernie_lab.experts.truncation import (
@@ -41,6 +48,7 @@ __all__ = [
     "selection_rate",
     "token_marks",
     "steering_sets",
+    "forced_weights",
     "truncation_lens",
     "truncated_weights",
     "truncate_topk",

@@ -1,5 +1,5 @@
 """Risk difference of expert selection between two prompt sets (SteerMoE, arXiv 2509.09660), and the
-steering sets it suggests for ``el.interventions.steer_experts``."""
+steering sets it suggests for ``el.interventions.steer_experts``, and the weights forced-in experts get."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.interventions import steer_experts
 from ernie_lab.routing import Routing, collect_routing
 
 
@@ -90,3 +91,35 @@ def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0) -> tuple[di
         if len(down):
             off[int(layer)] = sorted(int(e) for e in down)
     return on, off
+
+
+@torch.no_grad()
+def forced_weights(
+    model, input_ids: torch.Tensor, on: dict, off: dict | None = None, attention_mask: torch.Tensor | None = None
+) -> pd.DataFrame:
+    """The mixing weight each forced-on expert gets under ``steer_experts(model, on, off)``: its
+    unbiased router prob renormalised over the steered set, so an expert the router dislikes gets a
+    small weight however it is forced in. Columns: layer, expert, mean_weight, min_weight, mean_prob
+    (its unbiased router prob), over the real tokens of ``input_ids [batch pos]``."""
+    names = [f"blocks.{L}.moe.hook_{p}" for L in on for p in ("router_probs", "topk_idx", "topk_weights")]
+    hooks = steer_experts(model, on=on, off=off)
+    _, cache = model.run_with_cache(input_ids, names_filter=names, attention_mask=attention_mask, fwd_hooks=hooks)
+    real = torch.ones(input_ids.shape[-2:], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rows = []
+    for L, experts in on.items():
+        moe = f"blocks.{L}.moe.hook_"
+        idx, w, probs = (
+            cache[moe + p][real.to(cache[moe + p].device)] for p in ("topk_idx", "topk_weights", "router_probs")
+        )
+        for e in experts:
+            weight = (w * (idx == e)).sum(-1)  # [n]: the expert is in every token's set
+            rows.append(
+                {
+                    "layer": int(L),
+                    "expert": int(e),
+                    "mean_weight": float(weight.mean()),
+                    "min_weight": float(weight.min()),
+                    "mean_prob": float(probs[:, e].mean()),
+                }
+            )
+    return pd.DataFrame(rows)

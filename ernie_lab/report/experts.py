@@ -104,6 +104,8 @@ def run_risk_difference(ctx: Context, opts: dict, sec: Section) -> None:
         out = ctx.model.generate(ids, max_new_tokens=opts["max_new_tokens"], fwd_hooks=hooks, progress=False)
         rows.append({"run": label, "continuation": ctx.tokenizer.decode(out[0, ids.shape[1] :].tolist())})
     sec.table("steering", pd.DataFrame(rows), f"greedy continuation of a {b!r} prompt; on={on}, off={off}")
+    forced = ex.forced_weights(ctx.model, ids, on, off)
+    sec.table("forced_weights", forced, "mixing weight of each forced-on expert on the prompt (its renormalised prob)")
 
 
 def run_truncation_lens(ctx: Context, opts: dict, sec: Section) -> None:

@@ -214,3 +214,17 @@ def test_plots_build(model, data, base_saliency):
         el.experts.plot_risk_difference(el.experts.risk_difference(model, data[:3], data[3:], progress=False)),
     ]
     assert all(f.axes for f in figures)
+
+
+def test_forced_on_expert_gets_its_renormalised_prob(model, data):
+    ids = torch.stack([d[:5] for d in data])
+    on, off = {1: [3]}, {1: [0]}
+    forced = el.experts.forced_weights(model, ids, on, off).iloc[0]
+    steer = el.interventions.steer_experts(model, on, off)
+    _, cache = model.run_with_cache(ids, names_filter="blocks.1.moe.hook_*", fwd_hooks=steer)
+    probs, idx = cache["blocks.1.moe.hook_router_probs"], cache["blocks.1.moe.hook_topk_idx"]
+    assert bool((idx == 3).any(-1).all()) and not bool((idx == 0).any())
+    expected = probs[..., 3] / probs.gather(-1, idx).sum(-1)
+    assert forced["mean_weight"] == pytest.approx(float(expected.mean()), rel=1e-6)
+    assert forced["min_weight"] == pytest.approx(float(expected.min()), rel=1e-6)
+    assert forced["mean_prob"] == pytest.approx(float(probs[..., 3].mean()), rel=1e-6)
