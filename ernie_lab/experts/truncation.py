@@ -42,7 +42,8 @@ def truncate_topk(model, k_prime: int, layers: Iterable[int] | None = None) -> l
     def truncate(w: torch.Tensor, hook) -> torch.Tensor:
         return truncated_weights(w, k_prime)
 
-    return [(f"blocks.{L}.moe.hook_topk_weights", truncate) for L in (layers or model.config.moe_layers)]
+    layers = model.config.moe_layers if layers is None else layers
+    return [(f"blocks.{L}.moe.hook_topk_weights", truncate) for L in layers]
 
 
 def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
@@ -53,7 +54,7 @@ def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
     if not 0 <= r <= cfg.moe_num_experts - cfg.moe_k:
         raise ValueError(f"r must lie in 0..E-k={cfg.moe_num_experts - cfg.moe_k}, got {r}")
     hooks = []
-    for L in layers or cfg.moe_layers:
+    for L in cfg.moe_layers if layers is None else layers:
         stash, bias = {}, model.blocks[L].mlp.moe_statics.e_score_correction_bias
 
         def keep_probs(p, hook, stash=stash) -> None:

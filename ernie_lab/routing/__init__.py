@@ -1,7 +1,9 @@
 """Routing: what the routers did over a dataset, its statistics and their plots.
 
 ``el.routing.collect_routing(model, data)`` gives a :class:`Routing` record; every statistic
-(``el.routing.expert_load(r)``, ...) takes one and returns a tidy DataFrame; plots take those.
+(``el.routing.expert_load(r)``, ``persistence(r)``, ``transitions(r, a, b)``, ...) takes one and returns
+a tidy DataFrame; plots take those. ``router_logit_sources`` splits a router's logits into residual
+components from a forward pass.
 """
 
 from ernie_lab.io.datasets import as_sequences, iter_batches
