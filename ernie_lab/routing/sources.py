@@ -62,7 +62,8 @@ def router_logit_sources(
 
     Returns ``(names, contributions)``: ``contributions [component batch pos expert]`` (fp32) with
     ``contributions[c] = W_r (gamma * part_c / rms(h))``, ``rms(h)`` taken from the actual router
-    input and frozen, so ``contributions.sum(0)`` equals ``hook_router_logits`` to fp32 round-off.
+    input and frozen, so ``contributions.sum(0)`` equals ``hook_router_logits`` to fp32 round-off
+    (in a bf16 model, to the round-off of the residual stream's bf16 sums).
     Components: ``embed``, ``attn_out.{m}`` for m <= layer, ``mlp_out.{m}`` for m < layer; with
     ``split_experts`` each earlier MoE layer's output is split into ``routed.{m}.{e}`` per expert
     (``g_e f_e`` where selected) and ``shared.{m}``.

@@ -28,12 +28,13 @@ def transition_counts(r: Routing, layer_a: int, layer_b: int) -> torch.Tensor:
 
 def transitions(r: Routing, layer_a: int, layer_b: int) -> pd.DataFrame:
     """Per (i, j): ``count``, ``prob = P(top1_b = j | top1_a = i)`` (NaN for an i never top-1) and
-    ``lift = prob / P(top1_b = j)`` (1 = independence). Columns: layer_a, layer_b, i, j, count, prob, lift."""
+    ``lift = prob / P(top1_b = j)`` (1 = independence). Columns: layer_a, layer_b, i, j, count, prob, lift;
+    ``df.attrs["nmi"]`` holds the pair's normalised mutual information (:func:`nmi`)."""
     counts = transition_counts(r, layer_a, layer_b)
     prob = counts / counts.sum(1, keepdim=True)
     marginal_b = counts.sum(0) / counts.sum()
     n = r.n_experts
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "layer_a": layer_a,
             "layer_b": layer_b,
@@ -44,6 +45,8 @@ def transitions(r: Routing, layer_a: int, layer_b: int) -> pd.DataFrame:
             "lift": (prob / marginal_b[None, :]).reshape(-1).numpy(),
         }
     )
+    frame.attrs["nmi"] = nmi(counts)
+    return frame
 
 
 def _entropy(p: torch.Tensor) -> float:

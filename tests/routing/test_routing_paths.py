@@ -77,7 +77,7 @@ def test_transitions_and_nmi_by_hand():
     mutual = 2 * h - math.log(5)  # five cells of 1/5
     nmi = el.routing.transition_nmi(hand_routing())
     assert list(nmi["distance"]) == [1]
-    assert nmi["nmi"].iloc[0] == pytest.approx(mutual / h)
+    assert nmi["nmi"].iloc[0] == pytest.approx(mutual / h) == t.attrs["nmi"]
     assert el.routing.nmi(torch.eye(3)) == pytest.approx(1.0)
     assert el.routing.nmi(torch.ones(3, 3)) == pytest.approx(0.0)
 
