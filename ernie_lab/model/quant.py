@@ -256,7 +256,7 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
     swapped = quantize_modules(model, fmt, dtype)
     with torch.no_grad():
         for path, new in swapped.items():
-            old = dense[path]
+            old = dense.pop(path)  # freed once converted: peak memory ~ one module above the result
             new.to(device=next(old.parameters()).device)
             if isinstance(new, QuantLinear):
                 new.codec.encode_into(new._parts("weight"), old.weight)

@@ -106,3 +106,18 @@ def test_bad_offload_arguments(ckpt):
         el.load_model(ckpt, expert_slots=2)
     with pytest.raises(ValueError, match="no offloaded experts"):
         el.load_model(ckpt).offload_stats()
+
+
+def test_gathered_decode_path_with_offloaded_experts(ckpt):
+    """The accelerator decode path (weights gathered per slot) through a pool smaller than the
+    experts asked for: same weights as the resident experts, any pool size."""
+    from ernie_lab.model.moe import _gathered_experts
+
+    plain = el.load_model(ckpt, quantization="int8").blocks[1].mlp.experts
+    off = el.load_model(ckpt, quantization="int8", offload="experts", expert_slots=2).blocks[1].mlp.experts
+    idx = torch.tensor([[5, 1], [7, 5], [0, 2]])
+    for a, b in zip(off.gather(idx, torch.float32), plain.gather(idx, torch.float32), strict=True):
+        assert torch.equal(a, b)
+    xs = torch.randn(3, plain.shapes["down_proj"][0])
+    assert torch.equal(_gathered_experts(off, xs, idx), _gathered_experts(plain, xs, idx))
+    assert off.stats()["misses"] >= 5
