@@ -211,3 +211,15 @@ def test_gathered_and_per_expert_paths_agree(heavy_ckpt, fmt):
         for k in range(2):
             e = int(idx[n, k])
             torch.testing.assert_close(gathered[n, k], ex.down(e, ex.post(e, xs[n : n + 1]))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_placement_counts_quantized_bytes(heavy_ckpt):
+    """device='auto' plans with the quantized sizes, not the dense ones."""
+    from ernie_lab.model.params import weight_bytes
+    from ernie_lab.model.placement import unit_bytes
+
+    model = el.load_model(heavy_ckpt, dtype="bfloat16", quantization="nf4")
+    planned = sum(unit_bytes(model, torch.bfloat16).values())
+    actual = weight_bytes(model.config, "nf4")["total"]
+    assert actual == model.get_memory_footprint()
+    assert planned == actual
