@@ -23,10 +23,13 @@ class _Fp32Module(nn.Module):
     routing decisions flip on tiny differences, so the router never runs in low precision."""
 
     def _apply(self, fn, recurse=True):
+        # the pre-conversion values, so a bf16 round trip never rounds the router
+        before = {n: t.data for n, t in [*self._parameters.items(), *self._buffers.items()] if t is not None}
         super()._apply(fn, recurse)
-        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+        for name, old in before.items():
+            t = self._parameters.get(name, self._buffers.get(name))
             if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
+                t.data = t.data.float() if old.is_meta or t.is_meta else old.to(t.device, torch.float32)
         return self
 
 

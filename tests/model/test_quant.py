@@ -223,3 +223,18 @@ def test_auto_placement_counts_quantized_bytes(heavy_ckpt):
     actual = weight_bytes(model.config, "nf4")["total"]
     assert actual == model.get_memory_footprint()
     assert planned == actual
+
+
+def test_dtype_conversion_keeps_quantization_states(heavy_ckpt):
+    """``model.to(bfloat16)`` converts what is in the model dtype; codes and fp32 scales stay as they are."""
+    model = el.load_model(heavy_ckpt, dtype="float32", quantization="nf4")
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("_qweight", "_absmax"))}
+    model.to(torch.bfloat16)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert model.blocks[1].mlp.experts.compute_dtype == torch.bfloat16
+    reference = el.load_model(heavy_ckpt, dtype="bfloat16", quantization="nf4")
+    reference.load_state_dict(before, strict=False)  # the same codes, everything else loaded in bf16
+    ids = torch.randint(0, EXPERT_HEAVY["vocab_size"], (2, 5))
+    assert torch.equal(model.blocks[1].mlp.gate.weight, reference.blocks[1].mlp.gate.weight)  # never rounded
+    assert torch.equal(model(ids), reference(ids))
