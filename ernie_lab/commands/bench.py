@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.quantization or args.offload:
+    if (args.quantization or args.offload) and not args.real_shape:
         table = _variant_table(args)
         slots = f", offload {args.expert_slots} slots" if args.offload else ""
         config = "tiny (quick)" if args.quick else args.config
@@ -61,8 +61,19 @@ def run(args: argparse.Namespace) -> int:
     elif args.real_shape:
         device = "cuda" if args.device == "cpu" else args.device
         dtype = parse_dtype("bfloat16" if args.dtype == "float32" else args.dtype)
-        table = run_real_shape(dtype=dtype, device=device, repeats=args.repeats, compile=args.compile)
-        what = f"real shape 21b-a3b, {dtype}, {device}"
+        slots = args.expert_slots if args.offload else None
+        table = run_real_shape(
+            dtype=dtype,
+            device=device,
+            repeats=args.repeats,
+            compile=args.compile,
+            quantization=args.quantization,
+            expert_slots=slots,
+        )
+        variant = (f", {args.quantization}" if args.quantization else "") + (
+            f", offload {slots} slots" if slots else ""
+        )
+        what = f"real shape 21b-a3b, {dtype}{variant}, {device}"
     else:
         table = run_bench(
             config=args.config,

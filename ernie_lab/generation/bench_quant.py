@@ -21,7 +21,7 @@ from ernie_lab.generation.generate import generate
 from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.weights import load_model
 from ernie_lab.model.config import ErnieConfig
-from ernie_lab.model.offload import OffloadedExperts, reset_offload_stats
+from ernie_lab.model.offload import OffloadedExperts, device_bytes, reset_offload_stats
 
 # (full model, variant, input_ids [batch pos]) -> mean fraction of top-k experts both pick
 RoutingOverlap = Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor], float]
@@ -29,15 +29,6 @@ RoutingOverlap = Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor], floa
 
 def _row(figure: str, full, variant, unit: str, note: str = "", ratio=None) -> dict:
     return {"figure": figure, "full": full, "variant": variant, "ratio": ratio, "unit": unit, "note": note}
-
-
-def device_bytes(model) -> int:
-    """Bytes of parameters and buffers less an offloaded model's host copies of the experts."""
-    host = 0
-    for m in model.modules():
-        if isinstance(m, OffloadedExperts):
-            host += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in m.names)
-    return model.get_memory_footprint() - host
 
 
 def run_variant_bench(

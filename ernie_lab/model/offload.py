@@ -181,6 +181,16 @@ def offload_stats(model: nn.Module) -> dict[str, int]:
     return {**total, "layers": layers}
 
 
+def device_bytes(model: nn.Module) -> int:
+    """``model.get_memory_footprint()`` less the host copies of offloaded experts: the weights that
+    sit on the compute device."""
+    host = 0
+    for m in model.modules():
+        if isinstance(m, OffloadedExperts):
+            host += sum(getattr(m, n).numel() * getattr(m, n).element_size() for n in m.names)
+    return model.get_memory_footprint() - host
+
+
 def reset_offload_stats(model: nn.Module) -> None:
     for block in model.blocks:
         if _offloaded(block):

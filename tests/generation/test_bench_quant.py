@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from ernie_lab.cli import main
 
@@ -40,3 +41,13 @@ def test_bench_variant_needs_a_variant():
 
     with pytest.raises(ValueError, match="quantization= and/or expert_slots="):
         run_variant_bench(quick=True)
+
+
+def test_real_shape_code_path_quantized_and_offloaded():
+    from ernie_lab.generation.bench import QUICK, run_real_shape
+
+    table = run_real_shape(
+        dtype=torch.float32, device="cpu", preset="tiny", repeats=1, sizes=QUICK, quantization="nf4", expert_slots=2
+    )
+    assert table["figure"].tolist()[:2] == ["weights on the device", "prefill"]
+    assert (table["ours"] > 0).all()
