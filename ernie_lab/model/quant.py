@@ -15,6 +15,12 @@ Storage of one weight ``[rows cols]`` (a stack of experts adds a leading ``exper
 
 Every block lies inside one expert and one gate/up half, so quantizing hub tensors one by one while
 loading gives the same bytes as quantizing the stack. bitsandbytes is imported on first use only.
+
+int8 uses bitsandbytes rather than torchao: measured on a [1536 2560] weight, both give the same
+error (per-row absmax), but torchao's ``Int8WeightOnlyConfig`` makes an ``Int8Tensor`` subclass that
+only applies to ``nn.Linear`` (not the stacked experts) and has no ``aten.mm`` for the CPU decode
+kernel of :func:`~ernie_lab.model.layers.linear`; plain int8 codes with fp32 row scales serve the
+linears, the per-expert slices and the offload slots alike, from one dependency.
 """
 
 from __future__ import annotations
