@@ -144,7 +144,7 @@ def load_model(
     if config.tie_word_embeddings:  # assign=True wrapped each key in its own Parameter: share one again
         model.lm_head.weight = model.model.embed_tokens.weight
     if offload is not None:
-        offload_experts(model, expert_slots, None if device == "auto" else device)
+        offload_experts(model, expert_slots, None if str(device) == "auto" else device)
     return model.eval()
 
 
