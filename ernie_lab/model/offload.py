@@ -172,7 +172,7 @@ def offload_experts(model: nn.Module, expert_slots: int, device: torch.device | 
     return model
 
 
-def offload_stats(model: nn.Module) -> dict[str, int]:
+def offload_stats(model: nn.Module) -> dict:
     """Hits, misses and bytes copied summed over the layers, plus ``slots`` and per-layer detail."""
     layers = {i: b.mlp.experts.stats() for i, b in enumerate(model.blocks) if _offloaded(b)}
     if not layers:
