@@ -31,6 +31,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="GPU only: ERNIE-4.5-21B-A3B's shape with random weights (ours only; default dtype bfloat16)",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("nf4", "fp4", "int8"),
+        default=None,
+        help="compare this quantization with full precision (ours only; --config toy: the trained toy model)",
+    )
+    parser.add_argument(
+        "--offload", choices=("experts",), default=None, help="compare expert offload (with --expert-slots)"
+    )
+    parser.add_argument("--expert-slots", type=int, default=4, metavar="K", help="device slots per layer (default 4)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     return parser
 
@@ -43,11 +53,27 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.real_shape:
+    if (args.quantization or args.offload) and not args.real_shape:
+        table = _variant_table(args)
+        slots = f", offload {args.expert_slots} slots" if args.offload else ""
+        config = "tiny (quick)" if args.quick else args.config
+        what = f"config {config}, {args.quantization or 'full precision'}{slots} vs full precision, {args.device}"
+    elif args.real_shape:
         device = "cuda" if args.device == "cpu" else args.device
         dtype = parse_dtype("bfloat16" if args.dtype == "float32" else args.dtype)
-        table = run_real_shape(dtype=dtype, device=device, repeats=args.repeats, compile=args.compile)
-        what = f"real shape 21b-a3b, {dtype}, {device}"
+        slots = args.expert_slots if args.offload else None
+        table = run_real_shape(
+            dtype=dtype,
+            device=device,
+            repeats=args.repeats,
+            compile=args.compile,
+            quantization=args.quantization,
+            expert_slots=slots,
+        )
+        variant = (f", {args.quantization}" if args.quantization else "") + (
+            f", offload {slots} slots" if slots else ""
+        )
+        what = f"real shape 21b-a3b, {dtype}{variant}, {device}"
     else:
         table = run_bench(
             config=args.config,
@@ -63,6 +89,29 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0
+
+
+def _variant_table(args: argparse.Namespace):
+    """Full precision vs ``--quantization`` / ``--offload experts`` (routing agreement from the
+    routing wing, which the generation wing cannot import)."""
+    from ernie_lab.generation.bench_quant import run_variant_bench
+    from ernie_lab.io.weights import parse_dtype
+    from ernie_lab.routing import collect_routing, routing_agreement
+
+    def overlap(full, variant, ids) -> float:
+        runs = [collect_routing(m, ids.cpu(), progress=False) for m in (full, variant)]
+        return float(routing_agreement(*runs)["overlap"].mean())
+
+    return run_variant_bench(
+        config=args.config,
+        dtype=parse_dtype(args.dtype),
+        device=args.device,
+        repeats=args.repeats,
+        quick=args.quick,
+        quantization=args.quantization,
+        expert_slots=args.expert_slots if args.offload else None,
+        routing_overlap=overlap,
+    )
 
 
 def header(what: str) -> str:
@@ -92,7 +141,7 @@ def format_table(table) -> str:
         return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
     shown = table.copy()
-    shown["ours"] = shown["ours"].map(num)
-    shown["transformers"] = shown["transformers"].map(num)
+    for column in shown.columns.difference(["figure", "ratio", "unit", "note"]):
+        shown[column] = shown[column].map(num)
     shown["ratio"] = table["ratio"].map(lambda v: "-" if v is None or v != v else f"{v:.2f}x")
     return shown.to_string(index=False)

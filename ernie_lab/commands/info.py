@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
-from ernie_lab.model.params import COMPONENTS, count_params, human
+from ernie_lab.model.params import COMPONENTS, count_params, human, weight_bytes
+from ernie_lab.model.quant import FORMATS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +27,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("src", metavar="SRC", help=f"preset ({', '.join(PRESETS)}), 'toy', a directory or a hub id")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--quantization", choices=FORMATS, default=None, help="also show the weights' memory quantized this way"
+    )
+    parser.add_argument(
+        "--expert-slots",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also show the device memory with offload='experts' and K expert slots per layer",
+    )
     return parser
 
 
@@ -35,12 +46,29 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, RuntimeError, ConfigError) as err:
         print(f"ernie-lab info: error: {err}", file=sys.stderr)
         return 1
+    if args.expert_slots is not None and not 1 <= args.expert_slots <= config.moe_num_experts:
+        print(f"ernie-lab info: error: --expert-slots must be in 1..{config.moe_num_experts}", file=sys.stderr)
+        return 1
     counts = count_params(config)
+    memory = weight_bytes(config, args.quantization, expert_slots=args.expert_slots)
     if args.json:
-        print(json.dumps(summary(config, counts, origin, directory), indent=2, default=str))
+        print(json.dumps({**summary(config, counts, origin, directory), "memory": memory}, indent=2, default=str))
     else:
         print(render(config, counts, origin, directory))
+        if args.quantization or args.expert_slots:
+            print(memory_line(memory, args.quantization, args.expert_slots))
     return 0
+
+
+def memory_line(memory: dict[str, int], quantization: str | None, expert_slots: int | None) -> str:
+    """The weights' memory as loaded with ``quantization`` (bf16 for the rest) and expert offload."""
+    line = (
+        f"loaded      {quantization or 'bf16'}: {human(memory['total'], 'B')} of weights "
+        f"(routed experts {human(memory['routed_experts'], 'B')})"
+    )
+    if expert_slots:
+        line += f"; offload with {expert_slots} expert slots per layer: {human(memory['device'], 'B')} on the device"
+    return line
 
 
 def load_config(src: str) -> tuple[ErnieConfig, str, Path | None]:

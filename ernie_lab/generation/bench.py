@@ -28,7 +28,9 @@ from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.hook_points import HookPoint
 from ernie_lab.model.kv_cache import KVCache
+from ernie_lab.model.offload import device_bytes, offload_experts
 from ernie_lab.model.params import count_params
+from ernie_lab.model.quant import quantize_model
 
 
 @dataclass(frozen=True)
@@ -343,11 +345,15 @@ def run_real_shape(
     seed: int = 0,
     compile: bool = False,
     sizes: BenchSizes = FULL,
+    quantization: str | None = None,
+    expert_slots: int | None = None,
 ) -> pd.DataFrame:
     """ERNIE-4.5-21B-A3B's real shape with random weights, ours only (two copies of 21B parameters do
     not fit beside each other on one 80 GB GPU): prefill, decode and the bandwidth fraction.
 
-    The model is built directly on ``device`` in ``dtype`` (never as fp32 on the host)."""
+    The model is built directly on ``device`` in ``dtype`` (never as fp32 on the host), then
+    quantized (``quantization``) and/or its experts offloaded to host memory with ``expert_slots``
+    device slots per layer; a row then gives the weights' bytes on the device."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--real-shape needs a CUDA GPU (the 21B-A3B shape takes ~42 GB in bf16)")
 
@@ -360,7 +366,13 @@ def run_real_shape(
             model = ErnieMoE(cfg).eval()
     finally:
         torch.set_default_dtype(default)
+    if quantization is not None:
+        quantize_model(model, quantization)
+    if expert_slots is not None:
+        offload_experts(model, expert_slots, device)
     rows = []
+    if quantization is not None or expert_slots is not None:
+        rows.append(_row("weights on the device", device_bytes(model) / 2**30, None, "GiB", f"{quantization or dtype}"))
     ids = torch.randint(0, cfg.vocab_size, (1, sizes.prefill_tokens), device=device)
     with torch.inference_mode():
         (t,) = interleaved_medians([lambda: model(ids)], repeats, device)

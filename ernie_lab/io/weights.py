@@ -38,7 +38,15 @@ from ernie_lab.io.checkpoint import (
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
+from ernie_lab.model.offload import check_offload, offload_experts
 from ernie_lab.model.placement import Placement, make_placement
+from ernie_lab.model.quant import (
+    quantization_of,
+    quantize_modules,
+    quantized_target,
+    resolve_quantization,
+    store_quantized,
+)
 
 __all__ = ["CheckpointError", "load_model", "save_model", "parse_dtype"]
 
@@ -77,6 +85,11 @@ def load_model(
     src: str | Path,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    *,
+    quantization: str | None = None,
+    quantization_config=None,
+    offload: str | None = None,
+    expert_slots: int | None = None,
 ) -> ErnieMoE:
     """Load ``src`` into an :class:`ErnieMoE` in eval mode.
 
@@ -86,6 +99,15 @@ def load_model(
         stored tensors'). The router weight and correction bias always stay fp32.
     device: a device (default CPU) or ``"auto"``: layers spread over the visible GPUs by free memory
         (embedding on the first, final norm and LM head after the last layer), then the CPU.
+    quantization: ``"nf4"`` | ``"fp4"`` | ``"int8"`` (bitsandbytes, ``pip install 'ernie-lab[quant]'``):
+        routed experts (one quantization state each), attention, dense-MLP and shared-expert weights
+        are quantized tensor by tensor while reading, so memory peaks near the quantized size;
+        router and correction bias stay fp32, norms, embedding and LM head in ``dtype``. See
+        :mod:`ernie_lab.model.quant`. ``quantization_config``: the same from a transformers
+        ``BitsAndBytesConfig`` (its ``bnb_4bit_compute_dtype`` is the default ``dtype``).
+    offload: ``"experts"`` keeps the routed experts in host memory and computes through
+        ``expert_slots`` device slots per layer (LRU); results equal the resident model's, and
+        ``model.offload_stats()`` counts hits, misses and bytes copied (:mod:`ernie_lab.model.offload`).
 
     ``mtp*`` (multi-token-prediction) tensors are ignored with one log note. Any other unexpected,
     missing or wrong-shaped key raises :class:`CheckpointError` naming it; the correction bias may be
@@ -93,6 +115,8 @@ def load_model(
     embeddings a stored ``lm_head.weight`` equal to the embedding is skipped; one that differs is used
     (untied, with a warning), as transformers does.
     """
+    fmt, compute_dtype = resolve_quantization(quantization, quantization_config)
+    check_offload(offload, expert_slots)
     directory = resolve_source(src, allow_patterns=HUB_PATTERNS)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face-layout checkpoint")
@@ -105,14 +129,28 @@ def load_model(
     layout = hub_layout(model)
     keys, optional_missing = _check_keys(config, layout, files, directory)
     _check_shapes(layout, files, keys)
-    dtype = parse_dtype(dtype) if dtype is not None else _checkpoint_dtype(config, files)
+    if offload is not None:
+        check_offload(offload, expert_slots, config.moe_num_experts)
+    dtype = parse_dtype(dtype) if dtype is not None else compute_dtype or _checkpoint_dtype(config, files)
+    with torch.device("meta"):
+        swapped = quantize_modules(model, fmt, dtype) if fmt else {}
     placement = make_placement(model, dtype, device)
-    state = _allocate(model, layout, dtype, placement, zero=optional_missing)
-    _copy_tensors(layout, files, keys, state)
+    if offload is not None:  # experts are read into host memory; offload_experts adds the device slots
+        placement = _experts_on_host(placement)
+    kept = {f"{path}.{name}" for path, m in swapped.items() for name, _ in m.named_buffers()}
+    state = _allocate(model, layout, dtype, placement, zero=optional_missing, keep_dtype=kept)
+    _copy_tensors(layout, files, keys, state, swapped, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True wrapped each key in its own Parameter: share one again
         model.lm_head.weight = model.model.embed_tokens.weight
+    if offload is not None:
+        offload_experts(model, expert_slots, None if str(device) == "auto" else device)
     return model.eval()
+
+
+def _experts_on_host(placement: Placement) -> Placement:
+    cpu = torch.device("cpu")
+    return lambda key: cpu if ".mlp.experts." in key else placement(key)
 
 
 def _resolve_stored_head(config: ErnieConfig, files: dict[str, Path]) -> ErnieConfig:
@@ -186,33 +224,52 @@ def _checkpoint_dtype(config: ErnieConfig, files: dict[str, Path]) -> torch.dtyp
 
 
 def _allocate(
-    model: ErnieMoE, layout: dict[str, Slot], dtype: torch.dtype, placement: Placement, zero: set[str]
+    model: ErnieMoE,
+    layout: dict[str, Slot],
+    dtype: torch.dtype,
+    placement: Placement,
+    zero: set[str],
+    keep_dtype: set[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """Uninitialised tensors for every state entry, in their final dtype and device. Tied weights
-    share one tensor, so ``load_state_dict(assign=True)`` keeps them tied."""
+    """Uninitialised tensors for every state entry, in their final dtype and device (``keep_dtype``:
+    entries allocated in the meta model's dtype, the quantized storage). Tied weights share one
+    tensor, so ``load_state_dict(assign=True)`` keeps them tied."""
     fp32 = {slot.name for slot in layout.values() if slot.fp32}
     state: dict[str, torch.Tensor] = {}
     for name, meta in model.state_dict(keep_vars=True).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         make = torch.zeros if name in zero else torch.empty
-        state[name] = make(meta.shape, dtype=torch.float32 if name in fp32 else dtype, device=placement(name))
+        kind = meta.dtype if name in keep_dtype else torch.float32 if name in fp32 else dtype
+        state[name] = make(meta.shape, dtype=kind, device=placement(name))
     if model.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
 
 
 def _copy_tensors(
-    layout: dict[str, Slot], files: dict[str, Path], keys: list[str], state: dict[str, torch.Tensor]
+    layout: dict[str, Slot],
+    files: dict[str, Path],
+    keys: list[str],
+    state: dict[str, torch.Tensor],
+    swapped: dict[str, torch.nn.Module],
+    dtype: torch.dtype,
 ) -> None:
     """Read each stored tensor into its slot, file by file: straight into the model's memory when
-    the dtype matches, else through one temporary tensor at a time."""
+    the dtype matches, else through one temporary tensor at a time; a tensor of a quantized module
+    (``swapped``) is read in ``dtype`` and quantized into its storage."""
     with torch.no_grad(), tqdm(total=len(keys), desc="loading", unit="tensor", disable=None, leave=False) as bar:
         for path, group in by_file(files, keys).items():
             with TensorReader(path) as reader:
                 for key in group:
                     slot = layout[key]
-                    reader.read_into(key, slot.view(state[slot.name]))
+                    target = quantized_target(swapped, slot.name)
+                    if target is None:
+                        reader.read_into(key, slot.view(state[slot.name]))
+                    else:
+                        w = torch.empty(slot.shape, dtype=dtype)
+                        reader.read_into(key, w)
+                        store_quantized(state, target, slot.name, w, slot.expert, slot.rows)
                     bar.update(1)
 
 
@@ -251,6 +308,12 @@ def save_model(
     ``out_dir`` never holds a half-written checkpoint. An existing checkpoint directory is replaced;
     files this function does not write (tokenizer files, README...) are carried over. Returns the path.
     """
+    fmt = quantization_of(model)
+    if fmt is not None:
+        raise ValueError(
+            f"save_model writes full-precision Hugging Face checkpoints and this model is quantized ({fmt}); "
+            f"save the full-precision model and load it with quantization={fmt!r}"
+        )
     out = Path(out_dir).expanduser().absolute()
     _check_replaceable(out)
     dtype = parse_dtype(dtype) if dtype is not None else model.model.embed_tokens.weight.dtype

@@ -22,6 +22,7 @@ from ernie_lab.model.hook_points import HookPoint, HookRegistry
 from ernie_lab.model.kv_cache import KVCache, LayerKV
 from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_angles
 from ernie_lab.model.moe import MoE
+from ernie_lab.model.offload import offload_stats
 
 
 class DecoderLayer(nn.Module):
@@ -90,6 +91,19 @@ class ErnieMoE(HookRegistry, nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of the parameters (and buffers) wherever they live, quantized storage and an
+        offloaded model's host copies and device slots included (transformers' name and meaning)."""
+        tensors = {id(t): t for t in self.parameters()}
+        if return_buffers:
+            tensors.update({id(t): t for t in self.buffers()})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def offload_stats(self) -> dict:
+        """Expert-offload counters summed over layers (``hits``, ``misses``, ``bytes_copied``) and
+        per layer (``layers``); see :mod:`ernie_lab.model.offload`."""
+        return offload_stats(self)
 
     @torch.no_grad()
     def init_weights(self) -> None:

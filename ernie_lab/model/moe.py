@@ -23,10 +23,13 @@ class _Fp32Module(nn.Module):
     routing decisions flip on tiny differences, so the router never runs in low precision."""
 
     def _apply(self, fn, recurse=True):
+        # the pre-conversion values, so a bf16 round trip never rounds the router
+        before = {n: t.data for n, t in [*self._parameters.items(), *self._buffers.items()] if t is not None}
         super()._apply(fn, recurse)
-        for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False)):
+        for name, old in before.items():
+            t = self._parameters.get(name, self._buffers.get(name))
             if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
+                t.data = t.data.float() if old.is_meta or t.is_meta else old.to(t.device, torch.float32)
         return self
 
 
@@ -48,7 +51,11 @@ class MoeStatics(_Fp32Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked. Each is ``down(silu(gate(x)) * up(x))`` of width d_expert."""
+    """The routed experts, stacked. Each is ``down(silu(gate(x)) * up(x))`` of width d_expert.
+
+    The MoE block uses only ``post``, ``down`` and ``gather``: quantized and offloaded experts
+    (``model/quant.py``, ``model/offload.py``) provide the same three methods.
+    """
 
     def __init__(self, cfg: ErnieConfig):
         super().__init__()
@@ -63,6 +70,10 @@ class Experts(nn.Module):
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         return linear(h, self.down_proj[e])
+
+    def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights of the experts ``idx``: ``gate_up [*idx 2*d_expert d_model]``, ``down [*idx d_model d_expert]``."""
+        return self.gate_up_proj[idx], self.down_proj[idx]
 
 
 def _sorted_slots(idx: torch.Tensor, n_expert: int):
@@ -94,8 +105,9 @@ def _gathered_experts(ex: Experts, xs: torch.Tensor, idx: torch.Tensor) -> torch
     Indexes the stacked weights with the expert ids (a copy of ``topk`` experts per token) and runs
     batched matmuls: no data-dependent shapes, so no host sync and CUDA-graph friendly.
     """
-    gate, up = einsum(ex.gate_up_proj[idx], xs, "n k f d, n d -> n k f").chunk(2, dim=-1)
-    return einsum(ex.down_proj[idx], F.silu(gate) * up, "n k d f, n k f -> n k d")
+    gate_up, down = ex.gather(idx, xs.dtype)
+    gate, up = einsum(gate_up, xs, "n k f d, n d -> n k f").chunk(2, dim=-1)
+    return einsum(down, F.silu(gate) * up, "n k d f, n k f -> n k d")
 
 
 def _unsort(t_sorted: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
+from ernie_lab.model.quant import quantize_modules
 
 COMPONENTS = (
     "embed",
@@ -102,3 +103,37 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}"
     return str(int(n))
+
+
+def weight_bytes(
+    config: ErnieConfig,
+    quantization: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    expert_slots: int | None = None,
+) -> dict[str, int]:
+    """Bytes of the weights as :func:`ernie_lab.load_model` stores them (no activations or KV cache).
+
+    ``quantization``: None, ``"nf4"``, ``"fp4"`` or ``"int8"`` (see :mod:`ernie_lab.model.quant`;
+    bitsandbytes is not needed to count). Returns ``total``, ``routed_experts`` (their part of
+    total) and ``device``: what sits on the GPU, which with ``expert_slots=K`` (expert offload) is
+    everything but the routed experts plus K experts per MoE layer.
+    """
+    with torch.device("meta"):
+        model = ErnieMoE(config, init=False)
+        if quantization is not None:
+            quantize_modules(model, quantization, dtype)
+    total = experts = 0
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        fp32 = component_of(name) in _FP32 or name.endswith(("_absmax", "_scale"))  # router, quantization scales
+        itemsize = t.element_size() if not t.is_floating_point() else 4 if fp32 else dtype.itemsize
+        nbytes = t.numel() * itemsize
+        total += nbytes
+        experts += nbytes if component_of(name) == "routed_experts" else 0
+    device = total
+    if expert_slots is not None:
+        device = total - experts + experts * expert_slots // config.moe_num_experts
+    return {"total": total, "routed_experts": experts, "device": device}

@@ -43,7 +43,8 @@ def unit_of(key: str) -> str:
 
 
 def unit_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes per placement unit in ``dtype`` (router tensors in fp32), in forward order.
+    """Bytes per placement unit in ``dtype`` (router tensors and quantization scales in fp32, integer
+    tensors in their own dtype), in forward order.
 
     ``model`` may live on the meta device. A tied ``lm_head.weight`` is counted with the embedding.
     """
@@ -52,7 +53,9 @@ def unit_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
     for key, tensor in model.state_dict(keep_vars=True).items():
         if key == "lm_head.weight" and tied:
             continue
-        itemsize = 4 if is_fp32_key(key) else dtype.itemsize
+        # quantized weights (model/quant.py): integer codes keep their size, their scales are fp32
+        fp32 = is_fp32_key(key) or key.endswith(("_absmax", "_scale"))
+        itemsize = tensor.element_size() if not tensor.is_floating_point() else 4 if fp32 else dtype.itemsize
         unit = unit_of(key)
         sizes[unit] = sizes.get(unit, 0) + tensor.numel() * itemsize
     order = ["model.embed_tokens"] + [u for u in sizes if u.startswith("model.layers.")] + ["model.norm", "lm_head"]

@@ -81,3 +81,30 @@ def test_console_entry_point():
         [sys.executable, "-m", "ernie_lab.cli", "info", "tiny"], capture_output=True, text=True, check=True
     )
     assert "3: DMM" in run.stdout
+
+
+def test_info_quantized_memory_matches_loaded_models(capsys, tmp_path):
+    """The memory ``info --quantization --expert-slots`` predicts is what loading takes."""
+    import torch
+
+    import ernie_lab as el
+
+    save_hf_checkpoint(tmp_path)
+    rc, out, _ = run_info(capsys, str(tmp_path), "--json", "--quantization", "nf4", "--expert-slots", "2")
+    memory = json.loads(out)["memory"]
+    assert rc == 0
+    model = el.load_model(tmp_path, dtype=torch.bfloat16, quantization="nf4", offload="experts", expert_slots=2)
+    host = sum(
+        getattr(b.mlp.experts, n).numel() * getattr(b.mlp.experts, n).element_size()
+        for b in model.blocks
+        if b.mlp.__class__.__name__ == "MoE"
+        for n in b.mlp.experts.names
+    )
+    assert memory["routed_experts"] == host
+    assert memory["device"] == model.get_memory_footprint() - host
+    resident = el.load_model(tmp_path, dtype=torch.bfloat16, quantization="nf4")
+    assert memory["total"] == resident.get_memory_footprint()
+    rc, out, _ = run_info(capsys, str(tmp_path), "--quantization", "int8")
+    assert rc == 0 and "loaded      int8:" in out
+    rc, _, err = run_info(capsys, str(tmp_path), "--expert-slots", "0")
+    assert rc == 1 and "--expert-slots must be in 1.." in err
