@@ -381,13 +381,14 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> ModuleType:
-    """Import a recipe: a name in ``hooks/`` (``"ablate_experts"``) or a path to a ``.py`` file.
+    """Import a recipe: a bundled one by name (``"ablate_experts"``, always from :func:`recipe_dir`,
+    never from the current folder) or your own ``.py`` file by path (``"./mine.py"``, a ``Path``).
 
     The module exposes ``make_hooks(model, **params) -> [(hook_name, fn), ...]``. Raises
     FileNotFoundError (listing the available recipes) or AttributeError when ``make_hooks`` is missing.
     """
     path = Path(name_or_path)
-    if len(path.parts) == 1 and not path.is_file():  # a bare name (with or without .py): look in hooks/
+    if is_recipe_name(name_or_path):
         path = recipe_dir() / f"{path.stem if path.suffix == '.py' else path.name}.py"
         if not path.is_file():
             raise FileNotFoundError(
@@ -401,3 +402,8 @@ def load_recipe(name_or_path: str | Path) -> ModuleType:
     if not callable(getattr(module, "make_hooks", None)):
         raise AttributeError(f"recipe {path} defines no make_hooks(model, **params)")
     return module
+
+
+def is_recipe_name(name_or_path: str | Path) -> bool:
+    """True for a bundled recipe's name (a string without a folder separator), False for a path."""
+    return isinstance(name_or_path, str) and not any(sep in name_or_path for sep in ("/", "\\"))
