@@ -33,6 +33,8 @@ def resolve_source(src: str | Path, allow_patterns: list[str] | None = None) -> 
     Raises FileNotFoundError for a path that does not exist and RuntimeError naming the hub id
     when it cannot be downloaded (no network, unknown repo).
     """
+    if not isinstance(src, str | Path) or not str(src):
+        raise TypeError(f'a model source must be "toy", a folder or a hub id (a non-empty str or Path), got {src!r}')
     if str(src) == TOY:
         path = toy_dir()
         if not (path / "config.json").exists():

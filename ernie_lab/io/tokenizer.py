@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
 
@@ -231,34 +230,33 @@ class ErnieTokenizer:
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         chat_template: str | None = None,
+        special_tokens_in_content: bool = False,
         **template_kwargs: Any,
     ) -> str | list[int]:
         """Render ``messages`` with the checkpoint's chat template (``ERNIE_CHAT_TEMPLATE`` if none).
 
         Renders exactly as transformers does: sandboxed jinja2 with ``trim_blocks``/``lstrip_blocks``,
         ``raise_exception``/``strftime_now``, every named special token as a variable, messages
-        prepared as transformers prepares them. ``tokenize=True`` returns ids, special tokens in
-        the text becoming single special ids.
+        prepared as transformers prepares them.
+
+        ``tokenize=True`` returns ids. Message content is data: the template's own special tokens
+        become control ids, while special-token strings inside a message's text are encoded as plain
+        text, so a message cannot end a turn or forge one (``<|end_of_sentence|>Assistant: ...``).
+        ``special_tokens_in_content=True`` parses them in the content too (transformers' behaviour).
         """
+        check_messages(messages)
         template = chat_template or self.chat_template or ERNIE_CHAT_TEMPLATE
-        chat = [_template_message(m) for m in messages]
+        if not isinstance(template, str):
+            raise TypeError(f"chat_template must be a jinja template string, got {type(template).__name__}")
         variables = {**self.special_tokens, **template_kwargs}
-        text = _compile_template(template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-        )
+        if tokenize and not special_tokens_in_content:
+            return encode_chat(self.tokenizer, template, messages, add_generation_prompt, variables)
+        text = render_chat(template, messages, add_generation_prompt, variables)
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
         named = ", ".join(f"{k}={v!r}" for k, v in self.special_tokens.items())
         return f"ErnieTokenizer(vocab_size={self.vocab_size}, {named})"
-
-
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as transformers hands it to a template: None values dropped (templates test for
-    missing keys) and reasoning copied under each name templates read it by."""
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
@@ -267,39 +265,6 @@ def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
             raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
         return ids.tolist()
     return [int(i) for i in ids]
-
-
-@lru_cache(maxsize=16)
-def _compile_template(template: str):
-    """Compile like transformers' ``_compile_jinja_template`` (same environment and globals)."""
-    from jinja2 import nodes
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text; rendering just keeps it."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
-
-        def _keep(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
 
 
 def _read_json(path: Path) -> dict:
