@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.io.weights import parse_dtype
 
     if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.real_shape:

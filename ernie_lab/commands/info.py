@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from ernie_lab.io.sources import resolve_source
-from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
+from ernie_lab.model.config import PRESETS, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human
 
 
@@ -30,11 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config, origin, directory = load_config(args.src)
-    except (FileNotFoundError, RuntimeError, ConfigError) as err:
-        print(f"ernie-lab info: error: {err}", file=sys.stderr)
-        return 1
+    config, origin, directory = load_config(args.src)
     counts = count_params(config)
     if args.json:
         print(json.dumps(summary(config, counts, origin, directory), indent=2, default=str))

@@ -84,6 +84,7 @@ def generate(
     input_ids, attention_mask = model._check_inputs(input_ids, attention_mask, None)
     _check_options(
         model,
+        input_ids,
         max_new_tokens,
         attention_mask,
         temperature=temperature,
@@ -139,7 +140,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: A
         raise TypeError("stream() does not take cache_names; use generate(..., cache_names=...)")
     attention_mask = kwargs.pop("attention_mask", None)
     input_ids, attention_mask = model._check_inputs(input_ids, attention_mask, None)
-    _check_options(model, max_new_tokens, attention_mask, **kwargs)
+    _check_options(model, input_ids, max_new_tokens, attention_mask, **kwargs)
     steps = _decode_loop(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
     return (ids.clone() for ids in steps)  # normal tensors: the loop's own are inference tensors
 
@@ -277,25 +278,11 @@ def _hit_stop_strings(ids, finished, texts, tokenizer, stops) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _check_options(
-    model,
-    max_new_tokens,
-    attention_mask,
-    temperature=0.0,
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    repetition_penalty=None,
-    eos_token_id=None,
-    pad_token_id=None,
-    seed=None,
-    stop_strings=None,
-    tokenizer=None,
-    fwd_hooks=(),
-    **_: Any,
+def check_sampling(
+    max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None
 ) -> None:
-    """Check every option's type and range at the call, before the prompt runs (a generator would
-    otherwise fail at its first step); each error names the argument and what is valid."""
+    """Raise ValueError naming the first sampling option of the wrong type or range (no model needed,
+    so a command line checks them before loading one)."""
 
     def number(value) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool) and value == value
@@ -303,7 +290,6 @@ def _check_options(
     def integer(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    vocab = model.config.vocab_size
     checks = [
         (integer(max_new_tokens) and max_new_tokens >= 0, "max_new_tokens", max_new_tokens, "an integer >= 0"),
         (number(temperature) and temperature >= 0, "temperature", temperature, "a number >= 0 (0 = greedy)"),
@@ -321,10 +307,40 @@ def _check_options(
     for ok, name, value, valid in checks:
         if not ok:
             raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+def _check_options(
+    model,
+    input_ids,
+    max_new_tokens,
+    attention_mask,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    min_p=None,
+    repetition_penalty=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    seed=None,
+    stop_strings=None,
+    tokenizer=None,
+    fwd_hooks=(),
+    **_: Any,
+) -> None:
+    """Check every option's type and range at the call, before the prompt runs (a generator would
+    otherwise fail at its first step); each error names the argument and what is valid."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    vocab = model.config.vocab_size
+    limit = model.config.max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={limit}"
+        )
     ids = eos_token_id.flatten().tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
     ids = [] if ids is None else [ids] if not isinstance(ids, list | tuple) else ids
     for name, values in (("eos_token_id", ids), ("pad_token_id", [] if pad_token_id is None else [pad_token_id])):
-        if not all(integer(i) and 0 <= i < vocab for i in values):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in values):
             raise ValueError(f"{name} must be None or token ids (integers in [0, {vocab})), got {values!r}")
     stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
     if stops is not None and not (isinstance(stops, list | tuple) and all(isinstance(t, str) and t for t in stops)):
