@@ -60,7 +60,8 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
     """Load the tokenizer of ``src``: ``"toy"``, a local directory, or a hub id.
 
     Raises FileNotFoundError naming the directory when it has neither ``tokenizer.json`` nor
-    ``tokenizer.model``; ImportError with the install command when a SentencePiece model must be
+    ``tokenizer.model``; :class:`TokenizerError` (a ValueError) naming a file that is not valid JSON
+    of the expected shape; ImportError with the install command when a SentencePiece model must be
     converted and the ``sentencepiece`` extra is missing.
     """
     directory = resolve_source(src, allow_patterns=TOKENIZER_PATTERNS)
@@ -75,17 +76,30 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
         )
     config = _read_json(directory / "tokenizer_config.json")
     named = _named_tokens(config, _read_json(directory / "special_tokens_map.json"))
-    state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    state = _read_json(tokenizer_json)
+    if not isinstance(state.get("model"), dict):
+        raise TokenizerError(f"{tokenizer_json} is not a tokenizers file (no 'model' object)")
     state["added_tokens"] = _merge_added_tokens(
         state, _declared_tokens(config, named, _read_json(directory / "added_tokens.json"))
     )
     generation = _read_json(directory / "generation_config.json").get("eos_token_id")
+    eos = [generation] if isinstance(generation, int) else generation or []
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise TokenizerError(f"{directory / 'generation_config.json'}: eos_token_id={generation!r} must be token ids")
+    try:
+        tokenizer = Tokenizer.from_str(json.dumps(state))
+    except Exception as err:  # the Rust library raises plain Exceptions
+        raise TokenizerError(f"{tokenizer_json} is not a valid tokenizers file: {err}") from err
     return ErnieTokenizer(
-        Tokenizer.from_str(json.dumps(state)),
+        tokenizer,
         special_tokens=named,
         chat_template=_chat_template(directory, config),
-        extra_eos_ids=[generation] if isinstance(generation, int) else list(generation or []),
+        extra_eos_ids=eos,
     )
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
 
 
 class ErnieTokenizer:
@@ -268,7 +282,16 @@ def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The JSON object in ``path`` ({} when absent); TokenizerError naming the file when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # bad JSON or not UTF-8
+        raise TokenizerError(f"{path} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _content(value: Any) -> str | None:
