@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,8 @@ class ErnieTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; nothing added (no BOS). Special-token strings become their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
@@ -278,6 +281,8 @@ def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
         if ids.dim() != 1:
             raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
         return ids.tolist()
+    if isinstance(ids, str | bytes) or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
     return [int(i) for i in ids]
 
 
