@@ -83,6 +83,8 @@ def check_destination(out: Path, kind: str, overwrite: bool = False) -> None:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {out}: {parent} is not writable")
 
