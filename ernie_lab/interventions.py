@@ -25,6 +25,7 @@ import fnmatch
 import importlib.resources
 import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 from types import ModuleType
 
@@ -180,6 +181,9 @@ def _check_layer(model, layer: int) -> None:
 def _check_experts(model, layer: int, experts: Iterable[int]) -> list[int]:
     _check_layer(model, layer)
     n = model.config.moe_num_experts
+    experts = [experts] if isinstance(experts, Integral) else experts
+    if isinstance(experts, str | bytes) or not all(isinstance(e, Integral) and type(e) is not bool for e in experts):
+        raise TypeError(f"experts of layer {layer} must be expert ids (integers), got {experts!r}")
     out = sorted({int(e) for e in experts})
     bad = [e for e in out if not 0 <= e < n]
     if bad:
@@ -387,6 +391,8 @@ def load_recipe(name_or_path: str | Path) -> ModuleType:
     The module exposes ``make_hooks(model, **params) -> [(hook_name, fn), ...]``. Raises
     FileNotFoundError (listing the available recipes) or AttributeError when ``make_hooks`` is missing.
     """
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"a recipe is a bundled recipe's name or a path, got {name_or_path!r}")
     path = Path(name_or_path)
     if is_recipe_name(name_or_path):
         path = recipe_dir() / f"{path.stem if path.suffix == '.py' else path.name}.py"

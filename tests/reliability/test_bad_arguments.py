@@ -105,3 +105,21 @@ def test_tokenizer_and_chat_arguments(model, tok):
         el.chat(model, None, "hi")
     with pytest.raises(TypeError, match=r"messages\[0\]"):
         el.chat(model, tok, [3])
+
+
+def test_expert_ids_and_datasets_are_checked(model, tok):
+    iv = el.interventions
+    with pytest.raises(TypeError, match="expert ids"):
+        iv.zero_ablate_experts(model, {1: "3"})  # a string is not iterated as ids
+    with pytest.raises(ValueError, match=r"experts \[99\] of layer 1 are out of range \[0, 16\)"):
+        iv.reroute_ablate_experts(model, {1: [99]})
+    with pytest.raises(ValueError, match="layer 0 is not a MoE layer"):
+        iv.zero_ablate_experts(model, {0: [1]})
+    with pytest.raises(TypeError, match="a recipe is a bundled recipe's name or a path"):
+        iv.load_recipe(3)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        el.routing.collect_routing(model, ["a b"], tokenizer=tok, batch_size=0)
+    with pytest.raises(TypeError, match="must hold integer token ids"):
+        el.routing.collect_routing(model, [[0.5, 1.5]])
+    with pytest.raises(ValueError, match="texts need a tokenizer"):
+        el.routing.collect_routing(model, ["a b"])
