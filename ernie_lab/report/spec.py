@@ -22,7 +22,9 @@ A spec is a mapping (see ``ernie_lab/report/default.yaml`` for a complete, comme
       datasets: {domains: {per_group: 2}}
 
 Every analysis kind, its options and their defaults are in :data:`KINDS`. Unknown keys, kinds,
-datasets, prompt sets and recipes raise :class:`SpecError` naming them, before anything is run.
+datasets, prompt sets and recipes raise :class:`SpecError` naming them, before anything is run. A
+``recipe`` is a bundled recipe's name, or a path to a ``.py`` file that runs only when the caller passes
+``trust_recipes=True`` (``--trust-recipes``): a spec is data and cannot vouch for itself.
 """
 
 from __future__ import annotations
