@@ -166,7 +166,7 @@ def _owned_files(out: Path, kind: str, overwrite: bool, replaceable) -> set[str]
     if marker is not None and marker["kind"] == kind:
         return {str(f) for f in marker["files"]} | {MARKER}
     if overwrite:
-        return replaceable(out) if replaceable is not None else set(_files(out))
+        return (replaceable(out) if replaceable is not None else set(_files(out))) | {MARKER}
     return set()
 
 
@@ -205,8 +205,11 @@ def _carry_back(backup: Path, out: Path, owned: set[str]) -> list[str]:
             continue
         src, dst = backup / rel, out / rel
         if not (dst.exists() or dst.is_symlink()):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            except OSError:  # e.g. the new output has a file where this needs a folder
+                kept.append(rel)
         elif not (src.is_dir() and dst.is_dir()) and not _same_file(src, dst):
             kept.append(rel)
     return kept

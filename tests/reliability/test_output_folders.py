@@ -131,3 +131,14 @@ def test_leftovers_of_a_killed_run_are_cleaned_with_a_message(model, tmp_path, c
         save_model(model, tmp_path / "ckpt")
     assert not leftover.exists() and "interrupted run" in caplog.text
     assert hidden(tmp_path) == []
+
+
+def test_a_foreign_file_the_new_output_would_replace_is_kept_aside(model, tmp_path, caplog):
+    out = tmp_path / "ckpt"
+    save_model(model, out)
+    (out / "model.safetensors.index.json").write_text("my own index")  # not listed in the marker
+    with caplog.at_level(logging.WARNING, logger="ernie_lab.io.atomic"):
+        save_model(model, out, max_shard_size="40KB")  # writes an index of its own
+    (backup,) = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert (backup / "model.safetensors.index.json").read_text() == "my own index"
+    assert str(backup) in caplog.text and load_model(out).config == model.config
