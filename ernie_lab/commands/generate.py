@@ -45,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.io.tokenizer import load_tokenizer
     from ernie_lab.io.weights import load_model
 
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    sampling = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
     try:  # before loading the model
-        check_sampling(args.max_new_tokens, **options, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    except ValueError as err:  # name the options as typed
-        name = str(err).split(" ", 1)[0]
-        raise ValueError(f"--{name.replace('_', '-')} {str(err).split(' ', 1)[1]}") from None
+        check_sampling(**{name: getattr(args, name) for name in sampling})
+    except ValueError as err:  # "top_p must be ..." -> "--top-p must be ...", the option as typed
+        name, rest = str(err).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     tokenizer = load_tokenizer(args.src)
     model = load_model(args.src, dtype=args.dtype, device=args.device)
     if args.chat:

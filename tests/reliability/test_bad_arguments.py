@@ -123,3 +123,11 @@ def test_expert_ids_and_datasets_are_checked(model, tok):
         el.routing.collect_routing(model, [[0.5, 1.5]])
     with pytest.raises(ValueError, match="texts need a tokenizer"):
         el.routing.collect_routing(model, ["a b"])
+
+
+def test_patching_inputs_are_token_ids(model):
+    metric = el.patching.logit_diff(torch.tensor([5]), torch.tensor([6]))
+    with pytest.raises(TypeError, match="clean_ids must be token ids"):
+        el.patching.PatchingSetup(model, "The capital of", IDS, metric)
+    with pytest.raises(TypeError, match="corrupt_ids must hold integer token ids"):
+        el.patching.PatchingSetup(model, IDS, IDS.float(), metric)
