@@ -39,6 +39,7 @@ import yaml
 
 from ernie_lab.interventions import is_recipe_name, list_recipes, load_recipe
 from ernie_lab.io.sources import data_dir
+from ernie_lab.io.weights import parse_dtype
 
 DEFAULT_SPEC = Path(__file__).with_name("default.yaml")
 
@@ -243,7 +244,26 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
             not isinstance(value, int) or isinstance(value, bool) or value < low
         ):
             raise SpecError(f"{key}: must be an integer >= {low}, got {value!r}")
+    _check_scalars(out)
     return out
+
+
+def _check_scalars(spec: dict) -> None:
+    """Types of the top-level settings, so a typo fails here and not after the model has loaded."""
+    for key, ok, valid in (
+        ("title", isinstance(spec["title"], str), "a string"),
+        ("model", isinstance(spec["model"], str) and spec["model"], '"toy", a folder or a hub id'),
+        ("tokenizer", spec["tokenizer"] is None or isinstance(spec["tokenizer"], str), "null or like model"),
+        ("device", isinstance(spec["device"], str), "a device name such as cpu, cuda or auto"),
+        ("hash_checkpoint", isinstance(spec["hash_checkpoint"], bool), "true or false"),
+    ):
+        if not ok:
+            raise SpecError(f"{key}: must be {valid}, got {spec[key]!r}")
+    if spec["dtype"] is not None:
+        try:
+            parse_dtype(spec["dtype"])
+        except ValueError as err:
+            raise SpecError(f"dtype: {err}") from None
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -50,3 +50,20 @@ def test_report_out_is_checked_before_loading_the_model(capsys, tmp_path, monkey
     (tmp_path / "file").write_text("x")
     rc, err = run(capsys, "report", "--out", str(tmp_path / "file" / "sub"), "--quick")
     assert rc == 2 and err.startswith("ernie-lab report: error: cannot write") and "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("dtype: int8", "dtype: unknown dtype 'int8'"),
+        ("hash_checkpoint: 'no'", "hash_checkpoint: must be true or false"),
+    ],
+)
+def test_spec_settings_fail_before_loading(capsys, tmp_path, monkeypatch, line, message):
+    from ernie_lab.report import runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"{line}\ndatasets: {{d: {{texts: [a b]}}}}\nanalyses: {{balance: {{dataset: d}}}}\n")
+    rc, err = run(capsys, "report", str(spec), "--out", str(tmp_path / "r"))
+    assert rc == 2 and err.startswith("ernie-lab report: error: ") and message in err
