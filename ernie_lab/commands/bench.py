@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.real_shape:

@@ -23,6 +23,8 @@ def run(capsys, *argv: str) -> tuple[int, str]:
         (["train-toy", "--out", "x", "--lr", "nan"], "--lr must be > 0"),
         (["report", "no_such_spec.yaml", "--out", "r"], "ernie-lab report: error: no report spec at"),
         (["bench", "--repeats", "0"], "ernie-lab bench: error: --repeats must be >= 1"),
+        (["bench", "--device", "gpu0"], "ernie-lab bench: error: --device must be a torch device"),
+        (["bench", "--config", "huge"], "ernie-lab bench: error: unknown preset 'huge'"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, message):
