@@ -25,6 +25,7 @@ import fnmatch
 import importlib.resources
 import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 from types import ModuleType
 
@@ -181,6 +182,9 @@ def _check_layer(model, layer: int) -> None:
 def _check_experts(model, layer: int, experts: Iterable[int]) -> list[int]:
     _check_layer(model, layer)
     n = model.config.moe_num_experts
+    experts = [experts] if isinstance(experts, Integral) else experts
+    if isinstance(experts, str | bytes) or not all(isinstance(e, Integral) and type(e) is not bool for e in experts):
+        raise TypeError(f"experts of layer {layer} must be expert ids (integers), got {experts!r}")
     out = sorted({int(e) for e in experts})
     bad = [e for e in out if not 0 <= e < n]
     if bad:
@@ -382,13 +386,16 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> ModuleType:
-    """Import a recipe: a name in ``hooks/`` (``"ablate_experts"``) or a path to a ``.py`` file.
+    """Import a recipe: a bundled one by name (``"ablate_experts"``, always from :func:`recipe_dir`,
+    never from the current folder) or your own ``.py`` file by path (``"./mine.py"``, a ``Path``).
 
     The module exposes ``make_hooks(model, **params) -> [(hook_name, fn), ...]``. Raises
     FileNotFoundError (listing the available recipes) or AttributeError when ``make_hooks`` is missing.
     """
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"a recipe is a bundled recipe's name or a path, got {name_or_path!r}")
     path = Path(name_or_path)
-    if len(path.parts) == 1 and not path.is_file():  # a bare name (with or without .py): look in hooks/
+    if is_recipe_name(name_or_path):
         path = recipe_dir() / f"{path.stem if path.suffix == '.py' else path.name}.py"
         if not path.is_file():
             raise FileNotFoundError(
@@ -402,3 +409,8 @@ def load_recipe(name_or_path: str | Path) -> ModuleType:
     if not callable(getattr(module, "make_hooks", None)):
         raise AttributeError(f"recipe {path} defines no make_hooks(model, **params)")
     return module
+
+
+def is_recipe_name(name_or_path: str | Path) -> bool:
+    """True for a bundled recipe's name (a string without a folder separator), False for a path."""
+    return isinstance(name_or_path, str) and not any(sep in name_or_path for sep in ("/", "\\"))

@@ -26,7 +26,7 @@ from ernie_lab.interventions import (
     reroute_ablate_experts,
     zero_ablate_experts,
 )
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
 from ernie_lab.routing import collect_routing, expert_load
 
 __all__ = [
@@ -162,6 +162,7 @@ def _run_ablations(
         else:
             sums[key][a] += totals
 
+    check_batch_size(batch_size)
     n_batches = -(-len(sequences) // batch_size)
     batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
     for ids, mask, rows in tqdm(batches, total=n_batches, disable=not progress, desc="ablation"):

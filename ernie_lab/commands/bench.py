@@ -50,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.io.weights import parse_dtype
 
     if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if (args.quantization or args.offload) and not args.real_shape:

@@ -41,12 +41,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.generation.generate import stream
+    from ernie_lab.generation.generate import check_sampling, stream
     from ernie_lab.io.tokenizer import load_tokenizer
     from ernie_lab.io.weights import load_model
 
-    if args.max_new_tokens < 0:
-        raise SystemExit("--max-new-tokens must be >= 0")
+    sampling = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    try:  # before loading the model
+        check_sampling(**{name: getattr(args, name) for name in sampling})
+    except ValueError as err:  # "top_p must be ..." -> "--top-p must be ...", the option as typed
+        name, rest = str(err).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     tokenizer = load_tokenizer(args.src)
     model = load_model(args.src, dtype=args.dtype, device=args.device)
     if args.chat:
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode(args.prompt)
     if not prompt:
-        raise SystemExit("the prompt encodes to no tokens")
+        raise ValueError("--prompt encodes to no tokens; give some text")
     progress = args.progress
     if progress is None:
         progress = not (sys.stdout.isatty() and sys.stderr.isatty())

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from ernie_lab.io.sources import resolve_source
-from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
+from ernie_lab.model.config import PRESETS, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human, weight_bytes
 from ernie_lab.model.quant import FORMATS
 
@@ -41,14 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config, origin, directory = load_config(args.src)
-    except (FileNotFoundError, RuntimeError, ConfigError) as err:
-        print(f"ernie-lab info: error: {err}", file=sys.stderr)
-        return 1
+    config, origin, directory = load_config(args.src)
     if args.expert_slots is not None and not 1 <= args.expert_slots <= config.moe_num_experts:
-        print(f"ernie-lab info: error: --expert-slots must be in 1..{config.moe_num_experts}", file=sys.stderr)
-        return 1
+        raise ValueError(f"--expert-slots must be in 1..{config.moe_num_experts}, got {args.expert_slots}")
     counts = count_params(config)
     memory = weight_bytes(config, args.quantization, expert_slots=args.expert_slots)
     if args.json:

@@ -8,7 +8,6 @@ Without SPEC the packaged default spec runs: a tour of every analysis on the emb
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,17 +20,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder to write (replaced atomically)")
     parser.add_argument("--quick", action="store_true", help="apply the spec's quick overrides for a fast run")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DIR even when it is not an earlier report (files lost)"
+    )
+    parser.add_argument(
+        "--trust-recipes",
+        action="store_true",
+        help="let the spec run recipes given as paths to .py files (Python code; bundled names need no trust)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from ernie_lab.report.runner import run_report
-    from ernie_lab.report.spec import SpecError
 
-    try:
-        out = run_report(args.spec, args.out, quick=args.quick, progress=not args.no_progress)
-    except (SpecError, FileNotFoundError, FileExistsError) as err:
-        print(f"ernie-lab report: error: {err}", file=sys.stderr)
-        return 2
+    out = run_report(
+        args.spec,
+        args.out,
+        quick=args.quick,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        trust_recipes=args.trust_recipes,
+    )
     print(f"report written to {out / 'index.html'}")
     return 0

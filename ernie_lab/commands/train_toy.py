@@ -22,11 +22,32 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-docs", type=int, default=None, help="corpus size in documents")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation and model card")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it is not an earlier toy model")
     return p
+
+
+def check_args(args) -> None:
+    """Ranges of the numeric options, checked before any work."""
+    rules = [
+        ("steps", 1),
+        ("batch_size", 1),
+        ("seq_len", 2),
+        ("n_docs", 1),
+    ]
+    for name, low in rules:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in ("lr", "bias_gamma", "aux_loss_coef"):
+        value = getattr(args, name)
+        if not value >= 0 or (name == "lr" and value == 0):  # also rejects nan
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
 
 
 def run(args) -> int:
     from ernie_lab.toy.build import DEFAULT_N_DOCS, build_toy
+
+    check_args(args)
 
     settings = dataclasses.replace(
         TrainSettings(),
@@ -45,6 +66,7 @@ def run(args) -> int:
         n_docs=args.n_docs or DEFAULT_N_DOCS,
         evaluate=not args.no_eval,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     return 0

@@ -119,11 +119,16 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     index = directory / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:  # bad JSON or UTF-8, no weight_map, not an object
             raise CheckpointError(f"{index} is not a valid shard index ({type(err).__name__}: {err})") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = {key: directory / rel for key, rel in weight_map.items()}
         for path in sorted(set(files.values())):
+            if path.resolve().parent != directory.resolve():
+                shard = str(path.relative_to(directory))
+                raise CheckpointError(f"{index.name} names shard {shard!r}, which is not a file name in {directory}")
             if not path.is_file():
                 raise CheckpointError(f"{index.name} names shard {path.name}, which does not exist in {directory}")
         return files

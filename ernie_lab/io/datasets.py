@@ -44,7 +44,12 @@ def as_sequences(data: Any, tokenizer: Any = None) -> list[torch.Tensor]:
 def _rows(ids: Any, mask: Any) -> list[torch.Tensor]:
     out = []
     for i, row in enumerate(ids):
-        row = torch.as_tensor(row, dtype=torch.long).flatten()
+        if isinstance(row, str | bytes):
+            raise TypeError(f"sequence {i} of the dataset is a string among token ids; pass texts or ids, not both")
+        row = torch.as_tensor(row)
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise TypeError(f"sequence {i} of the dataset must hold integer token ids, got dtype {row.dtype}")
+        row = row.to(torch.long).flatten()
         if mask is not None:
             row = row[torch.as_tensor(mask[i]).flatten().bool()]
         if row.numel() == 0:
@@ -61,8 +66,7 @@ def iter_batches(
     ``rows`` is the range of sequence indices the batch holds. Left padding keeps the last real token
     in the last column (as the tokenizer does).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         width = max(len(s) for s in chunk)
@@ -72,6 +76,12 @@ def iter_batches(
             ids[i, width - len(s) :] = s
             mask[i, width - len(s) :] = 1
         yield ids, mask, range(start, start + len(chunk))
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """ValueError unless ``batch_size`` is an integer >= 1."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def token_groups(groups: Sequence[Any] | None, lengths: Sequence[int]) -> np.ndarray | None:

@@ -26,13 +26,19 @@ def toy_dir() -> Path:
     return data_dir() / "toy"
 
 
+class SourceError(RuntimeError):
+    """A hub id that cannot be downloaded (no network, unknown or gated repo)."""
+
+
 def resolve_source(src: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """Return a local directory for ``src``.
 
     ``allow_patterns`` restricts what is downloaded for a hub id (e.g. only tokenizer files).
-    Raises FileNotFoundError for a path that does not exist and RuntimeError naming the hub id
+    Raises FileNotFoundError for a path that does not exist and SourceError (a RuntimeError) naming the hub id
     when it cannot be downloaded (no network, unknown repo).
     """
+    if not isinstance(src, str | Path) or not str(src):
+        raise TypeError(f'a model source must be "toy", a folder or a hub id (a non-empty str or Path), got {src!r}')
     if str(src) == TOY:
         path = toy_dir()
         if not (path / "config.json").exists():
@@ -53,7 +59,7 @@ def _download(repo_id: str, allow_patterns: list[str] | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except Exception as err:  # the hub client raises many types (offline, 404, auth)
-        raise RuntimeError(
+        raise SourceError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
             "pass a local directory in the Hugging Face layout instead"
         ) from err

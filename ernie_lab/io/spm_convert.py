@@ -2,7 +2,8 @@
 
 ERNIE 4.5's hub repos ship only the SentencePiece model (a Llama-style BPE with byte fallback).
 Encoding through the Rust ``tokenizers`` library is faster and gives one code path for every
-checkpoint, so we translate the model once and cache the resulting ``tokenizer.json``.
+checkpoint, so we translate the model once and cache the resulting ``tokenizer.json`` in the user
+cache (never in the model's folder), keyed by the model file's hash.
 
 How SentencePiece BPE maps onto ``tokenizers`` (the conversion must give SentencePiece's own ids):
 - SentencePiece merges, at each step, the adjacent pair whose concatenation is the highest-scoring
@@ -41,8 +42,12 @@ BPE_MODEL = 2
 SPACE = "▁"  # U+2581, SentencePiece's escaped space
 
 
+# bump when the conversion changes, so cached conversions are rebuilt
+CONVERTER_VERSION = 1
+
+
 def cache_root() -> Path:
-    """Where converted tokenizers go when the model's own directory is read-only.
+    """The user cache of converted tokenizers.
 
     ``$ERNIE_LAB_CACHE`` if set, else ``~/.cache/ernie_lab``.
     """
@@ -135,23 +140,18 @@ def _normalizer_steps(spec) -> list:
 def converted_tokenizer_json(model_file: Path) -> Path:
     """Path of the ``tokenizer.json`` converted from ``model_file``, converting on first use.
 
-    The conversion is written next to the model when that directory is writable, else under
-    ``cache_root()/tokenizers/<sha256 of the model>/``; both are written atomically (temp file +
-    ``os.replace``) so concurrent loads never see a half-written file.
+    The conversion lives in the user cache, ``cache_root()/tokenizers/<key>/tokenizer.json``, keyed by
+    the sha256 of the model file and :data:`CONVERTER_VERSION`, never in the model's folder: a changed
+    ``tokenizer.model`` (or converter) gets a fresh conversion, and a shared or read-only checkpoint is
+    never written to. The file is written atomically (temp file + ``os.replace``, so concurrent loads
+    never see half of it) and readable by everyone (0644), like the checkpoint it comes from.
     """
     model_file = Path(model_file)
-    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    digest = hashlib.sha256(model_file.read_bytes() + f"\0converter {CONVERTER_VERSION}".encode()).hexdigest()
     cached = cache_root() / "tokenizers" / digest / "tokenizer.json"
-    if cached.exists():
+    if cached.is_file():
         return cached
     text = spm_to_tokenizer(read_model_proto(model_file)).to_str(pretty=True)
-    beside = model_file.parent / "tokenizer.json"
-    if os.access(model_file.parent, os.W_OK):
-        try:
-            _atomic_write(beside, text)
-            return beside
-        except OSError:
-            pass  # e.g. a read-only mount that os.access does not see; fall back to the cache
     cached.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(cached, text)
     return cached
@@ -162,6 +162,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
-from functools import lru_cache
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
 
@@ -61,7 +61,8 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
     """Load the tokenizer of ``src``: ``"toy"``, a local directory, or a hub id.
 
     Raises FileNotFoundError naming the directory when it has neither ``tokenizer.json`` nor
-    ``tokenizer.model``; ImportError with the install command when a SentencePiece model must be
+    ``tokenizer.model``; :class:`TokenizerError` (a ValueError) naming a file that is not valid JSON
+    of the expected shape; ImportError with the install command when a SentencePiece model must be
     converted and the ``sentencepiece`` extra is missing.
     """
     directory = resolve_source(src, allow_patterns=TOKENIZER_PATTERNS)
@@ -76,17 +77,30 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
         )
     config = _read_json(directory / "tokenizer_config.json")
     named = _named_tokens(config, _read_json(directory / "special_tokens_map.json"))
-    state = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    state = _read_json(tokenizer_json)
+    if not isinstance(state.get("model"), dict):
+        raise TokenizerError(f"{tokenizer_json} is not a tokenizers file (no 'model' object)")
     state["added_tokens"] = _merge_added_tokens(
         state, _declared_tokens(config, named, _read_json(directory / "added_tokens.json"))
     )
     generation = _read_json(directory / "generation_config.json").get("eos_token_id")
+    eos = [generation] if isinstance(generation, int) else generation or []
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise TokenizerError(f"{directory / 'generation_config.json'}: eos_token_id={generation!r} must be token ids")
+    try:
+        tokenizer = Tokenizer.from_str(json.dumps(state))
+    except Exception as err:  # the Rust library raises plain Exceptions
+        raise TokenizerError(f"{tokenizer_json} is not a valid tokenizers file: {err}") from err
     return ErnieTokenizer(
-        Tokenizer.from_str(json.dumps(state)),
+        tokenizer,
         special_tokens=named,
         chat_template=_chat_template(directory, config),
-        extra_eos_ids=[generation] if isinstance(generation, int) else list(generation or []),
+        extra_eos_ids=eos,
     )
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
 
 
 class ErnieTokenizer:
@@ -164,6 +178,8 @@ class ErnieTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; nothing added (no BOS). Special-token strings become their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
@@ -231,21 +247,28 @@ class ErnieTokenizer:
         add_generation_prompt: bool = False,
         tokenize: bool = False,
         chat_template: str | None = None,
+        special_tokens_in_content: bool = False,
         **template_kwargs: Any,
     ) -> str | list[int]:
         """Render ``messages`` with the checkpoint's chat template (``ERNIE_CHAT_TEMPLATE`` if none).
 
         Renders exactly as transformers does: sandboxed jinja2 with ``trim_blocks``/``lstrip_blocks``,
         ``raise_exception``/``strftime_now``, every named special token as a variable, messages
-        prepared as transformers prepares them. ``tokenize=True`` returns ids, special tokens in
-        the text becoming single special ids.
+        prepared as transformers prepares them.
+
+        ``tokenize=True`` returns ids. Message content is data: the template's own special tokens
+        become control ids, while special-token strings inside a message's text are encoded as plain
+        text, so a message cannot end a turn or forge one (``<|end_of_sentence|>Assistant: ...``).
+        ``special_tokens_in_content=True`` parses them in the content too (transformers' behaviour).
         """
+        check_messages(messages)
         template = chat_template or self.chat_template or ERNIE_CHAT_TEMPLATE
-        chat = [_template_message(m) for m in messages]
+        if not isinstance(template, str):
+            raise TypeError(f"chat_template must be a jinja template string, got {type(template).__name__}")
         variables = {**self.special_tokens, **template_kwargs}
-        text = _compile_template(template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
-        )
+        if tokenize and not special_tokens_in_content:
+            return encode_chat(self.tokenizer, template, messages, add_generation_prompt, variables)
+        text = render_chat(template, messages, add_generation_prompt, variables)
         return self.encode(text) if tokenize else text
 
     def __repr__(self) -> str:
@@ -253,57 +276,27 @@ class ErnieTokenizer:
         return f"ErnieTokenizer(vocab_size={self.vocab_size}, {named})"
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as transformers hands it to a template: None values dropped (templates test for
-    missing keys) and reasoning copied under each name templates read it by."""
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
-
-
 def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1:
             raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
         return ids.tolist()
+    if isinstance(ids, str | bytes) or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
     return [int(i) for i in ids]
 
 
-@lru_cache(maxsize=16)
-def _compile_template(template: str):
-    """Compile like transformers' ``_compile_jinja_template`` (same environment and globals)."""
-    from jinja2 import nodes
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """``{% generation %}...{% endgeneration %}`` marks assistant text; rendering just keeps it."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
-
-        def _keep(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The JSON object in ``path`` ({} when absent); TokenizerError naming the file when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # bad JSON or not UTF-8
+        raise TokenizerError(f"{path} is not valid UTF-8 JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _content(value: Any) -> str | None:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ernie_lab.io.atomic import replace_dir
+from ernie_lab.io.atomic import check_destination, destination, replace_dir, staging
 from ernie_lab.io.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -295,6 +293,7 @@ def save_model(
     out_dir: str | Path,
     max_shard_size: int | str | None = None,
     dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint that transformers and :func:`load_model` read.
 
@@ -304,19 +303,25 @@ def save_model(
     (bytes, or ``"500MB"``/``"2GiB"``) needs more than one file. ``dtype`` defaults to the model's;
     the router stays fp32. Host memory holds at most one shard at a time.
 
-    Everything is written to a temporary directory next to ``out_dir`` and moved into place, so
-    ``out_dir`` never holds a half-written checkpoint. An existing checkpoint directory is replaced;
-    files this function does not write (tokenizer files, README...) are carried over. Returns the path.
+    Everything is written to a temporary folder next to ``out_dir`` and moved into place
+    (:mod:`ernie_lab.io.atomic`), so ``out_dir`` never holds a half-written checkpoint. ``out_dir``
+    must be absent, empty or an earlier ``save_model`` output (its ``.ernie_lab.json`` marker); that
+    one loses only the files the marker lists, every other file (tokenizer, README, adapters) is kept.
+    ``overwrite=True`` also replaces a foreign checkpoint: its ``config.json``, ``model.safetensors``,
+    index and the shards the index lists; other files are kept. A symlink is followed. Returns the path.
     """
+    if not isinstance(model, ErnieMoE):
+        raise TypeError(f"save_model needs an ErnieMoE, got {type(model).__name__}")
     fmt = quantization_of(model)
     if fmt is not None:
         raise ValueError(
             f"save_model writes full-precision Hugging Face checkpoints and this model is quantized ({fmt}); "
             f"save the full-precision model and load it with quantization={fmt!r}"
         )
-    out = Path(out_dir).expanduser().absolute()
-    _check_replaceable(out)
+    out = destination(out_dir)
+    check_destination(out, "checkpoint", overwrite)
     dtype = parse_dtype(dtype) if dtype is not None else model.model.embed_tokens.weight.dtype
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
     layout = hub_layout(model)
     state = model.state_dict(keep_vars=True)
     tensors = {key: (torch.Size(slot.shape), torch.float32 if slot.fp32 else dtype) for key, slot in layout.items()}
@@ -326,47 +331,25 @@ def save_model(
         # copy=True: a view would share storage with the model (and with its sibling experts)
         return slot.view(state[slot.name].detach()).to(device="cpu", dtype=tensors[key][1], copy=True).contiguous()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the published checkpoint
-    try:
+    with staging(out) as tmp:
         config = model.config.to_hf_dict()
         for stale in ("torch_dtype", "transformers_version"):  # not true of this file any more
             config.pop(stale, None)
         config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        limit = parse_size(max_shard_size) if max_shard_size is not None else None
         with tqdm(total=len(tensors), desc="saving", unit="tensor", disable=None, leave=False) as bar:
             write_checkpoint(tensors, materialise, tmp, limit, progress=bar)
-        if out.is_dir():
-            _carry_over(out, tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, out, "checkpoint", overwrite=overwrite, replaceable=_checkpoint_files)
     return out
 
 
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace a file, or a non-empty directory that is not a checkpoint (a typo such as
-    ``save_model(model, "~")`` must not wipe a home directory)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        looks_like_checkpoint = (out / "config.json").exists() or any(out.glob("*.safetensors"))
-        if not looks_like_checkpoint:
-            raise FileExistsError(
-                f"{out} is a non-empty directory without config.json or safetensors; refusing to replace it"
-            )
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Copy what ``save_model`` does not write (tokenizer, README, ...) from ``old`` into ``new``."""
-    for item in old.iterdir():
-        ours = item.name in ("config.json", INDEX_FILE, SINGLE_FILE) or item.suffix == ".safetensors"
-        if ours or (new / item.name).exists():
-            continue
-        if item.is_dir():
-            shutil.copytree(item, new / item.name, symlinks=True)
-        else:
-            shutil.copy2(item, new / item.name)
+def _checkpoint_files(folder: Path) -> set[str]:
+    """What a foreign checkpoint gives up to ``save_model(..., overwrite=True)``: config.json, the
+    single file, the index and the shards it lists (other ``*.safetensors`` such as adapters stay)."""
+    names = {"config.json", SINGLE_FILE, INDEX_FILE}
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+        names |= {str(f) for f in index.get("weight_map", {}).values()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {n for n in names if (folder / n).is_file()}

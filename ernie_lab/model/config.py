@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class ErnieConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
-        if self.moe_layer_end_index == -1:
+        if self.moe_layer_end_index == -1 and _is_int(self.num_hidden_layers):
             object.__setattr__(self, "moe_layer_end_index", self.num_hidden_layers - 1)
         self._validate()
 
@@ -80,37 +81,46 @@ class ErnieConfig:
         """Build from a hub/transformers ``config.json`` (path to the file or its directory) or a dict.
 
         Accepts both the hub's original form (``rope_theta`` at top level) and transformers' re-saved
-        form (``rope_parameters.rope_theta``, ``moe_layer_end_index`` made explicit).
+        form (``rope_parameters.rope_theta``, ``moe_layer_end_index`` made explicit). A file that is not
+        UTF-8 JSON holding an object, a non-ERNIE-4.5-MoE ``model_type``/``architectures``, and every
+        field of the wrong type or range raise :class:`ConfigError` naming the file and the field.
         """
         if isinstance(src, Mapping):
-            raw = dict(src)
-        else:
-            path = Path(src)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.exists():
-                raise FileNotFoundError(f"no config.json at {path}")
-            raw = json.loads(path.read_text())
-        return cls._from_dict(raw)
+            return cls._from_dict(dict(src), "config")
+        if not isinstance(src, str | Path):
+            raise TypeError(f"ErnieConfig.from_hf takes a path to config.json, its folder or a dict, got {src!r}")
+        path = Path(src)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(f"{path} is not valid UTF-8 JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object (key -> value), got {type(raw).__name__}")
+        return cls._from_dict(raw, str(path))
 
     @classmethod
-    def _from_dict(cls, raw: dict[str, Any]) -> ErnieConfig:
+    def _from_dict(cls, raw: dict[str, Any], where: str) -> ErnieConfig:
         raw = dict(raw)
-        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
-        if "rope_theta" in rope:
-            raw.setdefault("rope_theta", rope["rope_theta"])
+        _check_architecture(raw, where)
+        rope_theta = _rope_theta(raw, where)
+        if rope_theta is not None:
+            raw["rope_theta"] = rope_theta
         if isinstance(raw.get("moe_num_experts"), list):
             raise ConfigError(
-                f"moe_num_experts={raw['moe_num_experts']} is a list (multimodal ERNIE 4.5-VL); "
+                f"{where}: moe_num_experts={raw['moe_num_experts']} is a list (multimodal ERNIE 4.5-VL); "
                 "only the text MoE models are supported"
             )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in raw.items() if k in names}
         extra = {k: v for k, v in raw.items() if k not in names}
-        return cls(**known, extra=extra)
+        try:
+            return cls(**known, extra=extra)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     @classmethod
     def preset(cls, name: str) -> ErnieConfig:
@@ -148,21 +158,27 @@ class ErnieConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "moe_num_experts",
-            "moe_k",
-            "moe_intermediate_size",
-            "moe_layer_interval",
-            "intermediate_size",
-        ):
+        for name, low in _INT_FIELDS.items():
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
-        require(self.moe_num_shared_experts >= 0, "moe_num_shared_experts must be >= 0")
+            require(_is_int(value) and value >= low, f"{name}={value!r} must be an integer >= {low}")
+        for name, low in _FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            ok = _is_number(value)
+            require(ok and value > low, f"{name}={value!r} must be a number > {low:g}")
+        init = self.initializer_range
+        require(_is_number(init) and init >= 0, f"initializer_range={init!r} must be a number >= 0")
+        for name in ("use_bias", "tie_word_embeddings"):
+            value = getattr(self, name)
+            require(isinstance(value, bool), f"{name}={value!r} must be true or false (a JSON boolean)")
+        head_dim = self.head_dim
+        require(head_dim is None or (_is_int(head_dim) and head_dim > 0), f"head_dim={head_dim!r} must be null or > 0")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            ok = all(i is None or (_is_int(i) and 0 <= i < self.vocab_size) for i in ids)
+            require(ok, f"{name}={value!r} must be null or a token id in [0, vocab_size={self.vocab_size})")
+        aux_free = self.extra.get("moe_use_aux_free")
+        require(aux_free is None or isinstance(aux_free, bool), f"moe_use_aux_free={aux_free!r} must be true or false")
         require(
             self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
             f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size} "
@@ -179,14 +195,89 @@ class ErnieConfig:
             f"moe_k={self.moe_k} cannot exceed moe_num_experts={self.moe_num_experts}",
         )
         require(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r}: only 'silu' is supported")
-        require(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
-        require(self.rope_theta > 0, "rope_theta must be > 0")
-        require(self.moe_layer_start_index >= 0, "moe_layer_start_index must be >= 0")
         require(
             self.moe_layer_end_index < self.num_hidden_layers,
             f"moe_layer_end_index={self.moe_layer_end_index} must be < num_hidden_layers="
             f"{self.num_hidden_layers} (or -1)",
         )
+
+
+# integer fields and their smallest valid value (moe_layer_end_index: -1 = last layer, made explicit
+# in __post_init__, so >= 0 here)
+_INT_FIELDS = {
+    "vocab_size": 1,
+    "hidden_size": 1,
+    "intermediate_size": 1,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 1,
+    "moe_num_experts": 1,
+    "moe_k": 1,
+    "moe_num_shared_experts": 0,
+    "moe_intermediate_size": 1,
+    "moe_layer_start_index": 0,
+    "moe_layer_end_index": 0,
+    "moe_layer_interval": 1,
+}
+# float fields and the bound they must exceed
+_FLOAT_FIELDS = {"rms_norm_eps": 0.0, "rope_theta": 0.0, "moe_norm_min": 0.0}
+# what transformers' Ernie4_5_MoeForCausalLM loads; other model types are different architectures
+_MODEL_TYPE = "ernie4_5_moe"
+_ARCHITECTURES = ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeModel")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_architecture(raw: dict[str, Any], where: str) -> None:
+    """A config of another model (``model_type``/``architectures``) is named as such."""
+    model_type = raw.get("model_type")
+    architectures = raw.get("architectures")
+    if model_type is not None and model_type != _MODEL_TYPE:
+        raise ConfigError(
+            f"{where}: model_type={model_type!r} is not an ERNIE 4.5 MoE checkpoint (model_type "
+            f"{_MODEL_TYPE!r}, architectures {list(_ARCHITECTURES)}); ernie_lab loads only those"
+        )
+    if isinstance(architectures, list) and architectures and not set(architectures) & set(_ARCHITECTURES):
+        raise ConfigError(
+            f"{where}: architectures={architectures} is not an ERNIE 4.5 MoE checkpoint "
+            f"(expected one of {list(_ARCHITECTURES)})"
+        )
+
+
+def _rope_theta(raw: dict[str, Any], where: str) -> Any:
+    """The RoPE base from ``rope_theta``, ``rope_parameters`` and the legacy ``rope_scaling``.
+
+    transformers applies ``rope_scaling`` when present and ``rope_parameters`` otherwise; ernie_lab
+    implements only the plain (``default``) RoPE, so a scaling type other than ``default`` in
+    *either* is an error (never silently ignored), and so is a disagreement between their thetas.
+    """
+    thetas: dict[str, Any] = {}
+    if "rope_theta" in raw:
+        thetas["rope_theta"] = raw.pop("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = raw.pop(key, None)
+        if rope is None:
+            continue
+        if not isinstance(rope, Mapping):
+            raise ConfigError(f"{where}: {key} must be an object such as {{'rope_type': 'default'}}, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{where}: {key}.rope_type={rope_type!r} is not supported (only 'default', plain RoPE); "
+                "transformers would apply it, so ignoring it would give different results"
+            )
+        if "rope_theta" in rope:
+            thetas[f"{key}.rope_theta"] = rope["rope_theta"]
+    if len({repr(v) if not isinstance(v, int | float) else float(v) for v in thetas.values()}) > 1:
+        raise ConfigError(f"{where}: RoPE base given differently: {thetas}; keep one value")
+    return next(iter(thetas.values()), None)
 
 
 def _rebuild(fields: dict[str, Any]) -> ErnieConfig:

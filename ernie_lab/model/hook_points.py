@@ -118,13 +118,18 @@ class HookRegistry:
         return list(self.hook_dict)
 
     def resolve_names(self, spec: NamesFilter) -> list[str]:
-        """Names selected by a name, glob (``"blocks.*.moe.hook_router_probs"``), list or predicate."""
+        """Names selected by a name, glob (``"blocks.*.moe.hook_router_probs"``), list or predicate;
+        None selects every point (``run_with_cache``'s default; hooks never take None)."""
         if spec is None:
             return self.hook_names()
         if callable(spec):
             return [n for n in self.hook_dict if spec(n)]
         if isinstance(spec, str):
             spec = [spec]
+        if not isinstance(spec, list | tuple | set) or not all(isinstance(s, str) for s in spec):
+            raise TypeError(
+                f"hook names must be a name, a glob, a list of them or a predicate fn(name) -> bool, got {spec!r}"
+            )
         chosen: set[str] = set()
         for s in spec:
             if _is_glob(s):
@@ -144,6 +149,10 @@ class HookRegistry:
         """Attach ``fn`` to every point ``name`` selects; returns a handle with ``.remove()``."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        if name is None or (isinstance(name, list | tuple) and not name):
+            raise TypeError(f"a hook needs hook names (a name, glob, list or predicate), got {name!r}")
+        if not callable(fn):
+            raise TypeError(f"a hook function must be callable fn(tensor, hook), got {fn!r} for {name!r}")
         entries = []
         for n in self.resolve_names(name):
             fns = getattr(self.hook_dict[n], dir)
@@ -169,10 +178,11 @@ class HookRegistry:
         """
         handles: list[HookHandle] = []
         try:
-            for name, fn in fwd_hooks:
-                handles.append(self.add_hook(name, fn, "fwd"))
-            for name, fn in bwd_hooks:
-                handles.append(self.add_hook(name, fn, "bwd"))
+            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for pair in pairs:
+                    if not isinstance(pair, list | tuple) or len(pair) != 2:
+                        raise TypeError(f"{direction}_hooks must hold (name, fn) pairs, got {pair!r}")
+                    handles.append(self.add_hook(pair[0], pair[1], direction))
             yield self
         finally:
             for h in reversed(handles):

@@ -55,6 +55,13 @@ class KVCache:
         """Zeroed keys and values for ``max_pos`` positions. ``device`` is one device for every layer,
         or one per layer (a model spread over devices); the bookkeeping (key mask, next positions)
         lives on ``home``, by default the first layer's device."""
+        if not isinstance(config, ErnieConfig):
+            raise TypeError(f"config must be an ErnieConfig, got {type(config).__name__}")
+        for name, value in (("batch", batch), ("max_pos", max_pos)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         if max_pos > config.max_position_embeddings:
             raise ValueError(
                 f"KV cache of {max_pos} positions exceeds max_position_embeddings={config.max_position_embeddings}"

@@ -98,7 +98,12 @@ def make_placement(model: nn.Module, dtype: torch.dtype, device: str | torch.dev
     """``device`` None -> CPU; a device -> everything there; ``"auto"`` -> :func:`plan_auto` over the
     visible GPUs by free memory (CPU only when no GPU is visible)."""
     if device is None or str(device) != "auto":
-        single = torch.device(device or "cpu")
+        try:
+            single = torch.device(device or "cpu")
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(
+                f"device must be None, 'auto' or a torch device ('cpu', 'cuda:0'...), got {device!r}"
+            ) from err
         return lambda key: single
     budgets = gpu_budgets()
     sizes = unit_bytes(model, dtype)

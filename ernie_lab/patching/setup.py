@@ -25,7 +25,11 @@ DIRECTIONS = ("denoising", "noising")
 
 # ---------------------------------------------------------------------------------------- setup
 def _as_ids(ids, name: str) -> torch.Tensor:
+    if isinstance(ids, str | bytes):
+        raise TypeError(f"{name} must be token ids ([pos] or [batch pos]); encode the text with the tokenizer first")
     t = torch.as_tensor(ids)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
     if t.ndim == 1:
         t = t[None]
     if t.ndim != 2 or t.shape[1] == 0:

@@ -24,11 +24,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import random
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ernie_lab.io.atomic import replace_dir
+from ernie_lab.io.atomic import check_destination, destination, replace_dir, staging
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.io.weights import load_model
@@ -56,29 +53,36 @@ FLOAT_FORMAT = "%.8g"  # CSV floats: 8 significant digits, the same text on ever
 PNG_METADATA = {"Software": None}  # matplotlib writes its version here by default
 
 
-def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool = False, progress: bool = True) -> Path:
+def run_report(
+    spec: dict | str | Path | None,
+    out_dir: str | Path,
+    quick: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    trust_recipes: bool = False,
+) -> Path:
     """Run ``spec`` (a dict, a YAML/TOML path, or None for the default spec) and write the report
     folder ``out_dir``; returns its path.
 
     ``quick=True`` merges the spec's ``quick`` overrides (smaller datasets, fewer layers) for a fast
-    run. An existing ``out_dir`` is replaced only when it is empty or an earlier report (it holds a
-    ``manifest.json``); anything else raises FileExistsError. Spec problems raise
-    :class:`~ernie_lab.report.spec.SpecError` before anything is written.
+    run. An existing ``out_dir`` is replaced only when it is empty or an earlier report (its
+    ``.ernie_lab.json`` marker, :mod:`ernie_lab.io.atomic`); anything else raises FileExistsError
+    unless ``overwrite=True``. Files the earlier report did not write are kept. Spec problems raise
+    :class:`~ernie_lab.report.spec.SpecError` before anything is written. Recipes given as file paths
+    run only with ``trust_recipes=True`` (or ``trust_recipes: true`` in the spec).
     """
 
     runners = {**ROUTING, **CAUSAL, **EXPERTS}
-    resolved = resolve_spec(spec, quick=quick)
-    out_dir = Path(out_dir).expanduser().resolve()
-    _check_destination(out_dir)
+    resolved = resolve_spec(spec, quick=quick, trust_recipes=trust_recipes)
+    out_dir = destination(out_dir)
+    check_destination(out_dir, "report", overwrite)
     tokenizer = load_tokenizer(resolved["tokenizer"] or resolved["model"])
     datasets = {name: resolve_dataset(name, ds, resolved["seed"]) for name, ds in resolved["datasets"].items()}
     _check_dataset_kinds(resolved["analyses"], datasets)
     model = load_model(resolved["model"], dtype=resolved["dtype"], device=resolved["device"])
 
     ctx = Context(model, tokenizer, resolved, datasets)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with staging(out_dir) as tmp:
         (tmp / "figures").mkdir()
         (tmp / "tables").mkdir()
         written = []
@@ -96,24 +100,11 @@ def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool 
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         html = render(resolved["title"], resolved, manifest, _dataset_summaries(datasets), written, tmp)
         (tmp / "index.html").write_text(html, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace_dir(tmp, out_dir, "report", overwrite=overwrite)
     return out_dir
 
 
 # --------------------------------------------------------------------------------------- checks
-def _check_destination(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
-        raise FileExistsError(
-            f"{out_dir} is not empty and holds no earlier report (no manifest.json); not replacing it"
-        )
-
-
 def _check_dataset_kinds(analyses: dict, datasets: dict) -> None:
     """Patching sections need pairs, the others texts: say which section and dataset do not fit."""
     for sid, opts in analyses.items():

@@ -22,7 +22,9 @@ A spec is a mapping (see ``ernie_lab/report/default.yaml`` for a complete, comme
       datasets: {domains: {per_group: 2}}
 
 Every analysis kind, its options and their defaults are in :data:`KINDS`. Unknown keys, kinds,
-datasets, prompt sets and recipes raise :class:`SpecError` naming them, before anything is run.
+datasets, prompt sets and recipes raise :class:`SpecError` naming them, before anything is run. A
+``recipe`` is a bundled recipe's name, or a path to a ``.py`` file that runs only when the caller passes
+``trust_recipes=True`` (``--trust-recipes``): a spec is data and cannot vouch for itself.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from typing import Any
 
 import yaml
 
-from ernie_lab.interventions import load_recipe
+from ernie_lab.interventions import is_recipe_name, list_recipes, load_recipe
 from ernie_lab.io.sources import data_dir
+from ernie_lab.io.weights import parse_dtype
 
 DEFAULT_SPEC = Path(__file__).with_name("default.yaml")
 
@@ -261,11 +264,14 @@ def _toml():
 
 
 # --------------------------------------------------------------------------------------- resolving
-def resolve_spec(spec: dict | str | Path | None, quick: bool = False) -> dict:
+def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_recipes: bool = False) -> dict:
     """The complete spec: defaults filled in, quick overrides merged (``quick=True``), validated.
 
     ``spec``: a dict, a path, or None for the packaged default. The result holds every option of
     every analysis (plus its ``kind``) and no ``quick`` block; it is what manifest.json records.
+    A ``recipe`` given as a path to a ``.py`` file is Python code the spec would run: refused unless
+    ``trust_recipes=True`` (``--trust-recipes``), as transformers' ``trust_remote_code``. The opt-in is
+    the caller's, never the spec's own. Recipe names always mean the bundled recipes.
     """
     raw = load_spec(spec) if spec is None or isinstance(spec, str | Path) else copy.deepcopy(spec)
     if not isinstance(raw, dict):
@@ -280,14 +286,33 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False) -> dict:
     out = {k: copy.deepcopy(v) for k, v in TOP_LEVEL.items() if k != "quick"}
     out.update(raw)
     out["datasets"] = _datasets(out["datasets"], quick and not overrides.get("datasets"))
-    out["analyses"] = _analyses(out["analyses"], out["datasets"])
+    out["analyses"] = _analyses(out["analyses"], out["datasets"], trust_recipes)
     for key, low in (("seed", 0), ("batch_size", 1), ("threads", 1)):
         value = out[key]
         if (value is not None or key != "threads") and (
             not isinstance(value, int) or isinstance(value, bool) or value < low
         ):
             raise SpecError(f"{key}: must be an integer >= {low}, got {value!r}")
+    _check_scalars(out)
     return out
+
+
+def _check_scalars(spec: dict) -> None:
+    """Types of the top-level settings, so a typo fails here and not after the model has loaded."""
+    for key, ok, valid in (
+        ("title", isinstance(spec["title"], str), "a string"),
+        ("model", isinstance(spec["model"], str) and spec["model"], '"toy", a folder or a hub id'),
+        ("tokenizer", spec["tokenizer"] is None or isinstance(spec["tokenizer"], str), "null or like model"),
+        ("device", isinstance(spec["device"], str), "a device name such as cpu, cuda or auto"),
+        ("hash_checkpoint", isinstance(spec["hash_checkpoint"], bool), "true or false"),
+    ):
+        if not ok:
+            raise SpecError(f"{key}: must be {valid}, got {spec[key]!r}")
+    if spec["dtype"] is not None:
+        try:
+            parse_dtype(spec["dtype"])
+        except ValueError as err:
+            raise SpecError(f"dtype: {err}") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -342,7 +367,7 @@ def _check_prompt_set(name: Any, where: str) -> None:
         raise SpecError(f"{where}.prompt_set: no prompt set {name!r} in {folder}; available: {', '.join(available)}")
 
 
-def _analyses(analyses: Any, datasets: dict) -> dict:
+def _analyses(analyses: Any, datasets: dict, trust_recipes: bool) -> dict:
     if not isinstance(analyses, dict):
         raise SpecError("analyses: must be a mapping of section id -> options")
     if not analyses:
@@ -367,14 +392,20 @@ def _analyses(analyses: Any, datasets: dict) -> dict:
                 f"{where}.dataset: no dataset {resolved['dataset']!r}; defined: {', '.join(datasets) or 'none'}"
             )
         if "recipe" in resolved:
-            _check_recipe(resolved["recipe"], where)
+            _check_recipe(resolved["recipe"], where, trust_recipes)
         out[str(sid)] = resolved
     return out
 
 
-def _check_recipe(name: Any, where: str) -> None:
-
+def _check_recipe(name: Any, where: str, trust: bool) -> None:
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"{where}.recipe: must be a recipe name ({', '.join(list_recipes())}) or a path, got {name!r}")
+    if not is_recipe_name(name) and not trust:
+        raise SpecError(
+            f"{where}.recipe: {name!r} is a path to Python code, which a spec runs only when you trust it: "
+            f"pass --trust-recipes (run_report(..., trust_recipes=True)); bundled recipes: {', '.join(list_recipes())}"
+        )
     try:
-        load_recipe(str(name))
+        load_recipe(name)
     except (FileNotFoundError, AttributeError) as err:
         raise SpecError(f"{where}.recipe: {err}") from err

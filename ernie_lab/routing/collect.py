@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ernie_lab.io.datasets import as_sequences, iter_batches, token_groups
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches, token_groups
 from ernie_lab.routing.record import Routing
 
 
@@ -92,6 +92,7 @@ def collect_routing(
         hooks += [(moe.format(L) + "topk_weights", on_weights), (moe.format(L) + "routed_out", on_routed)]
         if has_shared:
             hooks.append((moe.format(L) + "shared_out", on_shared))
+    check_batch_size(batch_size)
     n_batches = -(-len(sequences) // batch_size)
     with torch.no_grad(), model.hooks(hooks):
         for ids, mask, _ in tqdm(

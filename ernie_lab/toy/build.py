@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ernie_lab.io.atomic import replace_dir
+from ernie_lab.io.atomic import check_destination, destination, replace_dir, staging
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.io.weights import save_model
 from ernie_lab.model.ernie import ErnieMoE
@@ -57,18 +55,22 @@ def build_toy(
     n_docs: int = DEFAULT_N_DOCS,
     evaluate: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Train the toy model from scratch and write a complete checkpoint folder to ``out_dir``."""
+    """Train the toy model from scratch and write a complete checkpoint folder to ``out_dir``.
+
+    ``out_dir`` must be absent, empty or an earlier ``build_toy`` output (``overwrite=True`` replaces
+    any folder); it is checked before training and again at the final swap (:mod:`ernie_lab.io.atomic`).
+    """
     settings = settings or TrainSettings()
-    out = Path(out_dir).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    out = destination(out_dir)
+    check_destination(out, "toy", overwrite)
+    with staging(out) as tmp:
         docs = training_corpus(seed=settings.seed, n_docs=n_docs)
-        ckpt = staging / "toy"
+        ckpt = tmp / "toy"
         # The tokenizer always comes from the standard corpus, so it equals the shipped one.
         bpe = train_tokenizer(training_corpus(seed=0, n_docs=TOKENIZER_N_DOCS))
-        tokenizer = load_tokenizer(save_tokenizer(bpe, staging / "tokenizer"))
+        tokenizer = load_tokenizer(save_tokenizer(bpe, tmp / "tokenizer"))
         stream = token_stream(tokenizer, docs)
         torch.manual_seed(settings.seed)
         model = ErnieMoE(toy_config(tokenizer.vocab_size))
@@ -82,9 +84,7 @@ def build_toy(
         facts = {"n_docs": n_docs, "n_tokens": int(stream.numel()), "seconds": round(log.seconds, 1)}
         if evaluate:
             _write_card(ckpt, model, tokenizer, settings, facts)
-        replace_dir(ckpt, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_dir(ckpt, out, "toy", overwrite=overwrite)
     return out
 
 

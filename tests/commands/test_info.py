@@ -64,10 +64,10 @@ def test_info_hub_id_downloads_only_config(capsys, monkeypatch, tmp_path):
 
 def test_info_errors_exit_nonzero(capsys, tmp_path):
     rc, out, err = run_info(capsys, str(tmp_path / "missing"))
-    assert rc == 1 and out == "" and "missing" in err
+    assert rc == 2 and out == "" and err.startswith("ernie-lab info: error: ") and "missing" in err
     (tmp_path / "config.json").write_text(json.dumps({"moe_num_experts": [64, 64]}))
     rc, _, err = run_info(capsys, str(tmp_path))
-    assert rc == 1 and "moe_num_experts" in err
+    assert rc == 2 and "moe_num_experts" in err and err.count("\n") == 1
 
 
 def test_layer_ranges():

@@ -122,7 +122,7 @@ def test_save_model_replaces_atomically_and_keeps_other_files(hf_checkpoint, tmp
     save_model(model, out, max_shard_size="30KB")
     (out / "tokenizer.json").write_text("{}")
     save_model(model, out)  # sharded -> single file
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_FILE, "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".ernie_lab.json", "config.json", SINGLE_FILE, "tokenizer.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "saved"]  # no temp or backup left
 
     def crash(*args, **kwargs):
@@ -143,7 +143,7 @@ def test_save_model_refuses_to_replace_non_checkpoints(hf_checkpoint, tmp_path):
     with pytest.raises(FileExistsError, match="notes"):
         save_model(model, tmp_path / "notes")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError, match="not a directory"):
+    with pytest.raises(FileExistsError, match="not a folder"):
         save_model(model, tmp_path / "file")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
 

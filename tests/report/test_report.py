@@ -179,15 +179,17 @@ def test_rerun_gives_identical_bytes(reports):
     assert html_a == html_b
 
 
-def test_rerun_into_the_same_folder_replaces_it(reports, tmp_path):
+def test_rerun_into_the_same_folder_replaces_only_what_it_wrote(reports, tmp_path):
     spec = {
         "datasets": {"d": {"texts": ["The capital of Veloria is Mirren."]}},
-        "analyses": {"balance": {"dataset": "d"}},
+        "analyses": {"balance": {"dataset": "d"}, "router_entropy": {"dataset": "d"}},
     }
     out = run_report(spec, tmp_path / "r", progress=False)
-    (out / "stale.txt").write_text("from an earlier run")
-    run_report(spec, out, progress=False)
-    assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
+    old = {p.name for p in (out / "tables").iterdir() if p.name.startswith("router_entropy")}
+    (out / "notes.txt").write_text("mine, not the report's")
+    run_report({**spec, "analyses": {"balance": {"dataset": "d"}}}, out, progress=False)
+    assert old and not any((out / "tables" / name).exists() for name in old)  # the earlier report's files
+    assert (out / "notes.txt").read_text() == "mine, not the report's" and (out / "index.html").is_file()
     assert _leftovers(tmp_path) == []
 
 
