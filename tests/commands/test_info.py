@@ -107,4 +107,4 @@ def test_info_quantized_memory_matches_loaded_models(capsys, tmp_path):
     rc, out, _ = run_info(capsys, str(tmp_path), "--quantization", "int8")
     assert rc == 0 and "loaded      int8:" in out
     rc, _, err = run_info(capsys, str(tmp_path), "--expert-slots", "0")
-    assert rc == 1 and "--expert-slots must be in 1.." in err
+    assert rc == 2 and "--expert-slots must be in 1.." in err
