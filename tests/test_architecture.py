@@ -15,6 +15,7 @@ RANK = {
     "plots": 0,
     "model": 1,
     "io": 2,
+    "distributed": 2.5,  # loads checkpoint slices (io); generation and analyses use its broadcast/split
     "generation": 3,
     "interventions": 3,
     "routing": 4,

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from ernie_lab.io.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
+    Shard,
     Slot,
     TensorReader,
     by_file,
@@ -77,6 +79,8 @@ def load_model(
     src: str | Path,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    *,
+    shard: Callable[[ErnieMoE], dict[str, Shard]] | None = None,
 ) -> ErnieMoE:
     """Load ``src`` into an :class:`ErnieMoE` in eval mode.
 
@@ -92,6 +96,11 @@ def load_model(
     absent only when the config says ``moe_use_aux_free: false`` (it is then zero). With tied
     embeddings a stored ``lm_head.weight`` equal to the embedding is skipped; one that differs is used
     (untied, with a warning), as transformers does.
+
+    shard: the seam for a parallel plan (``ernie_lab.distributed``). Called on the meta model after
+        the checkpoint's keys and shapes are checked, it may shrink parameters to this process's part
+        and returns state name -> :class:`Shard`; only those parts are then read (``get_slice``), and
+        a stacked expert tensor's shard reads only its experts' keys.
     """
     directory = resolve_source(src, allow_patterns=HUB_PATTERNS)
     if not (directory / "config.json").is_file():
@@ -106,9 +115,10 @@ def load_model(
     keys, optional_missing = _check_keys(config, layout, files, directory)
     _check_shapes(layout, files, keys)
     dtype = parse_dtype(dtype) if dtype is not None else _checkpoint_dtype(config, files)
+    shards = shard(model) if shard is not None else {}
     placement = make_placement(model, dtype, device)
     state = _allocate(model, layout, dtype, placement, zero=optional_missing)
-    _copy_tensors(layout, files, keys, state)
+    _copy_tensors(layout, files, keys, state, shards)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True wrapped each key in its own Parameter: share one again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -203,16 +213,32 @@ def _allocate(
 
 
 def _copy_tensors(
-    layout: dict[str, Slot], files: dict[str, Path], keys: list[str], state: dict[str, torch.Tensor]
+    layout: dict[str, Slot],
+    files: dict[str, Path],
+    keys: list[str],
+    state: dict[str, torch.Tensor],
+    shards: dict[str, Shard],
 ) -> None:
     """Read each stored tensor into its slot, file by file: straight into the model's memory when
-    the dtype matches, else through one temporary tensor at a time."""
-    with torch.no_grad(), tqdm(total=len(keys), desc="loading", unit="tensor", disable=None, leave=False) as bar:
-        for path, group in by_file(files, keys).items():
-            with TensorReader(path) as reader:
+    the dtype matches, else through one temporary tensor at a time. A sharded tensor gets only its
+    part: a slice read through ``get_slice``, or for stacked experts only the experts it holds."""
+    local = {}
+    for key in keys:
+        slot, part = layout[key], shards.get(layout[key].name)
+        if part is None or slot.expert is None:
+            local[key] = (slot, part)
+        elif part.start <= slot.expert < part.stop:  # an expert of this shard, at its local index
+            local[key] = (Slot(slot.name, slot.expert - part.start, slot.rows, slot.shape), None)
+    with torch.no_grad(), tqdm(total=len(local), desc="loading", unit="tensor", disable=None, leave=False) as bar:
+        for path, group in by_file(files, list(local)).items():
+            with TensorReader(path) as reader, open_file(path) as sliced:
                 for key in group:
-                    slot = layout[key]
-                    reader.read_into(key, slot.view(state[slot.name]))
+                    slot, part = local[key]
+                    dest = slot.view(state[slot.name])
+                    if part is None:
+                        reader.read_into(key, dest)
+                    else:
+                        dest.copy_(part.read(sliced.get_slice(key)))
                     bar.update(1)
 
 

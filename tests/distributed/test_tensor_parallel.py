@@ -1,0 +1,165 @@
+"""Tensor + expert parallel (``tp_plan="auto"``) and data parallel analyses on 2 CPU processes (gloo).
+
+One launch runs every check on both ranks and returns the measured differences; the tests below
+judge them. The reference is the single-process model loaded from the same transformers checkpoint,
+and transformers' own ``tp_plan="auto"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_hf_checkpoint
+
+from ernie_lab.distributed import (
+    ColwiseShard,
+    ExpertParallel,
+    RowwiseShard,
+    auto_plan,
+    check_size,
+    rank_bytes,
+    spawn,
+    valid_sizes,
+)
+from ernie_lab.model import ErnieConfig
+
+TOL = 1e-5
+IDS = torch.tensor([[3, 17, 42, 5, 99, 7, 64, 12, 30, 2], [8, 1, 77, 23, 5, 19, 2, 45, 90, 11]])
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _zero_head(z, hook):
+    z = z.clone()
+    z[:, :, 1] = 0
+    return z
+
+
+def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
+    """Runs in each of the 2 processes; returns numbers and flags for the parent to judge."""
+    from transformers import Ernie4_5_MoeForCausalLM
+
+    import ernie_lab as el
+    from ernie_lab.ablation import ablation_effect
+    from ernie_lab.interventions import patch_from_cache, reroute_ablate_experts
+    from ernie_lab.io import load_model as load_one
+    from ernie_lab.model import KVCache
+    from ernie_lab.routing import collect_routing
+
+    out: dict = {}
+    one, tp = load_one(ckpt), el.load_model(ckpt, tp_plan="auto")
+    out["logits"] = _diff(tp(IDS), one(IDS))
+    _, c_tp = tp.run_with_cache(IDS)
+    _, c_one = one.run_with_cache(IDS)
+    out["cache_names"] = list(c_tp.keys()) == one.hook_names()
+    out["cache"] = {name: _diff(c_tp[name], c_one[name]) for name in c_one}
+    base = one(IDS)
+
+    hooks = [("blocks.0.attn.hook_z", _zero_head)]
+    out["head_ablation"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
+    out["head_ablation_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
+    hooks = reroute_ablate_experts(one, {1: [0, 4], 2: [3]})
+    out["reroute"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
+    out["reroute_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
+    _, source = one.run_with_cache(IDS.flip(-1), names_filter="blocks.*.moe.hook_expert_out")
+    hooks = patch_from_cache(source, "blocks.2.moe.hook_expert_out", positions=[3, 4], index=1)
+    out["patch"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
+    out["patch_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
+
+    out["greedy"] = tp.generate(IDS, max_new_tokens=8).tolist()
+    out["greedy_one"] = one.generate(IDS, max_new_tokens=8).tolist()
+    out["sampled"] = tp.generate(IDS[:1], max_new_tokens=8, temperature=1.0).tolist()  # no seed: broadcast
+    out["kv_heads"] = KVCache.for_model(tp, 1, 4).layers[0].k.shape[1]
+
+    unique = {t.data_ptr(): t for t in tp.state_dict().values()}
+    out["bytes"] = sum(t.numel() * t.element_size() for t in unique.values())
+    out["bytes_expected"] = rank_bytes(one.config, 2, torch.float32)
+    out["bytes_one"] = rank_bytes(one.config, 1, torch.float32)
+    try:
+        el.load_model(bad_ckpt, tp_plan="auto")
+        out["error"] = None
+    except ValueError as err:
+        out["error"] = str(err)
+
+    hf = Ernie4_5_MoeForCausalLM.from_pretrained(ckpt, tp_plan="auto", dtype=torch.float32)
+    with torch.no_grad():
+        out["transformers_tp"] = _diff(hf(IDS).logits, tp(IDS))
+
+    seqs = [IDS[0, : 4 + i] for i in range(5)]
+    r_split = collect_routing(one, seqs, progress=False, batch_size=2)  # split: group up, whole model
+    r_whole = collect_routing(one, seqs, progress=False, batch_size=2, data_parallel=False)
+    r_tp = collect_routing(tp, seqs, progress=False, batch_size=2)  # tensor parallel: never split
+    out["routing_split"] = max(_diff(r_split.probs, r_whole.probs), _diff(r_split.idx, r_whole.idx))
+    out["routing_tp"] = max(_diff(r_tp.probs, r_whole.probs), _diff(r_tp.idx, r_whole.idx))
+    out["routing_tokens"] = (r_split.probs.shape[1], sum(len(s) for s in seqs))
+    a_split = ablation_effect(one, seqs, {1: [0, 2]}, mode="reroute", progress=False, batch_size=2)
+    a_tp = ablation_effect(tp, seqs, {1: [0, 2]}, mode="reroute", progress=False, batch_size=2)
+    cols = ["n_tokens", "nll_base", "nll_ablated", "kl"]
+    out["ablation"] = float((a_split[cols] - a_tp[cols]).abs().to_numpy().max())
+    out["ablation_effect"] = float(a_tp["kl"].abs().max())
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    save_hf_checkpoint(root / "ckpt")
+    save_hf_checkpoint(root / "bad", num_key_value_heads=1)
+    return spawn(_rank_checks, 2, str(root / "ckpt"), str(root / "bad"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_matches_single_process(results, rank):
+    r = results[rank]
+    assert r["logits"] <= TOL
+    assert r["cache_names"]
+    worst = max(r["cache"], key=r["cache"].get)
+    assert r["cache"][worst] <= TOL, worst
+    for check in ("head_ablation", "reroute", "patch"):
+        assert r[check] <= TOL, check
+        assert r[f"{check}_effect"] > 1e-3, f"{check} changed nothing: the comparison proves nothing"
+    assert r["greedy"] == r["greedy_one"]
+    assert r["transformers_tp"] <= TOL
+
+
+def test_same_tokens_on_every_rank(results):
+    assert results[0]["greedy"] == results[1]["greedy"]
+    assert results[0]["sampled"] == results[1]["sampled"]
+
+
+def test_each_rank_holds_its_part(results):
+    cfg = ErnieConfig.preset("tiny")
+    for r in results:
+        assert r["kv_heads"] == 1  # 2 kv heads over 2 ranks
+        assert r["bytes"] == r["bytes_expected"]
+        assert r["bytes"] < 0.7 * r["bytes_one"]
+    assert rank_bytes(cfg, 2, torch.float32) < rank_bytes(cfg, 1, torch.float32)
+
+
+def test_non_divisible_heads_error(results):
+    for r in results:
+        assert r["error"] is not None and "num_key_value_heads=1" in r["error"] and "[1]" in r["error"]
+
+
+def test_data_parallel_analyses(results):
+    for r in results:
+        assert r["routing_split"] <= TOL and r["routing_tp"] <= TOL
+        assert r["routing_tokens"][0] == r["routing_tokens"][1]
+        assert r["ablation"] <= TOL and r["ablation_effect"] > 0
+
+
+def test_plan_sizes():
+    cfg = ErnieConfig.preset("300b-a47b")
+    assert valid_sizes(cfg) == [1, 2, 4, 8]
+    assert valid_sizes(ErnieConfig.preset("21b-a3b")) == [1, 2, 4]
+    with pytest.raises(ValueError, match="not divisible by 3.*splits over \\[1, 2, 4, 8\\]"):
+        check_size(cfg, 3)
+    plan = auto_plan(cfg, 8)
+    moe = cfg.moe_layers[0]
+    assert isinstance(plan[f"model.layers.{moe}.mlp"], ExpertParallel)
+    assert isinstance(plan[f"model.layers.{moe}.mlp.shared_experts.down_proj"], RowwiseShard)
+    assert isinstance(plan["model.layers.0.mlp.gate_proj"], ColwiseShard)
