@@ -31,6 +31,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="GPU only: ERNIE-4.5-21B-A3B's shape with random weights (ours only; default dtype bfloat16)",
     )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: tp_plan='auto' on N CPU processes (gloo) against one process (forward times, bytes held)",
+    )
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     return parser
 
@@ -43,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.tp is not None:
+        return run_tp(args)
     if args.real_shape:
         device = "cuda" if args.device == "cpu" else args.device
         dtype = parse_dtype("bfloat16" if args.dtype == "float32" else args.dtype)
@@ -60,6 +69,21 @@ def run(args: argparse.Namespace) -> int:
         what = f"config {'tiny (quick)' if args.quick else args.config}, {args.dtype}, {args.device}"
     print(header(what))
     print(format_table(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return 0
+
+
+def run_tp(args: argparse.Namespace) -> int:
+    """``--tp N``: tp_plan='auto' on N CPU processes against one process (generation/tp_bench.py)."""
+    from ernie_lab.generation.tp_bench import run_tp_bench
+
+    if args.tp < 1:
+        raise SystemExit("--tp must be >= 1")
+    table = run_tp_bench(config=args.config, n=args.tp, repeats=args.repeats, quick=args.quick)
+    config = "tiny (quick)" if args.quick else args.config
+    print(header(f"config {config}, float32, cpu, tp_plan='auto' on {args.tp} processes (gloo, 1 thread each)"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0

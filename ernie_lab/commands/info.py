@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from ernie_lab.distributed.plan import memory_split, valid_sizes
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human
@@ -26,6 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("src", metavar="SRC", help=f"preset ({', '.join(PRESETS)}), 'toy', a directory or a hub id")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--tp", type=int, default=None, metavar="N", help="also show the weights per GPU under tp_plan='auto' on N GPUs"
+    )
     return parser
 
 
@@ -36,11 +42,39 @@ def run(args: argparse.Namespace) -> int:
         print(f"ernie-lab info: error: {err}", file=sys.stderr)
         return 1
     counts = count_params(config)
+    try:
+        parallel = tensor_parallel(config, args.tp) if args.tp is not None else None
+    except ValueError as err:
+        print(f"ernie-lab info: error: {err}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps(summary(config, counts, origin, directory), indent=2, default=str))
+        print(json.dumps({**summary(config, counts, origin, directory), "tensor_parallel": parallel}, indent=2))
     else:
         print(render(config, counts, origin, directory))
+        if parallel is not None:
+            print(render_parallel(parallel))
     return 0
+
+
+def tensor_parallel(config: ErnieConfig, n: int) -> dict:
+    """Bytes per GPU (bf16 weights, fp32 router) under ``tp_plan="auto"`` on ``n`` GPUs."""
+    if n < 1:
+        raise ValueError(f"--tp must be >= 1, got {n}")
+    split, replicated = memory_split(config, n, torch.bfloat16)
+    return {
+        "gpus": n,
+        "per_gpu_bytes": split + replicated,
+        "replicated_bytes": replicated,
+        "valid": valid_sizes(config),
+    }
+
+
+def render_parallel(p: dict) -> str:
+    return (
+        f"tensor parallel  tp_plan='auto' on {p['gpus']} GPUs: {human(p['per_gpu_bytes'], 'B')} of bf16 weights "
+        f"per GPU, of which {human(p['replicated_bytes'], 'B')} replicated (embedding, LM head, norms, "
+        f"routers); plus KV cache and activations. Valid GPU counts: {p['valid']}"
+    )
 
 
 def load_config(src: str) -> tuple[ErnieConfig, str, Path | None]:

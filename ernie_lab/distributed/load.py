@@ -31,7 +31,8 @@ def load_model(
         plan, and each process reads only its slices of the checkpoint onto its device (its GPU, or
         the CPU under gloo). Hooks, caches and analyses then see whole tensors on every process, and
         hook functions must be deterministic (give the same result on every process).
-        ``model.tp_mesh`` is the device mesh (None without a plan).
+        ``model.tp_mesh`` is the device mesh (None without a plan). The split model is for forward
+        passes: its parameters are frozen, and gradients through it (attribution patching) raise.
     """
     if tp_plan is None:
         return weights.load_model(src, dtype, device, **kwargs)
@@ -48,4 +49,4 @@ def load_model(
 
     model = weights.load_model(src, dtype, device or mesh_device(device_mesh), shard=shard, **kwargs)
     model.tp_mesh = device_mesh
-    return model
+    return model.requires_grad_(False)  # forward only: see styles.NO_GRAD

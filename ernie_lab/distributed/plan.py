@@ -74,12 +74,13 @@ def auto_plan(config: ErnieConfig, n: int) -> dict[str, ParallelStyle]:
     }
     for i in range(config.num_hidden_layers):
         mlp = f"model.layers.{i}.mlp"
-        if config.is_moe_layer(i):
-            plan[mlp] = ExpertParallel()
-            if config.moe_num_shared_experts:
-                mlp += ".shared_experts"
-        else:
+        if not config.is_moe_layer(i):
             plan[mlp] = GatherHooks(FF_POINTS)
+        else:
+            plan[mlp] = ExpertParallel()
+            if not config.moe_num_shared_experts:
+                continue
+            mlp += ".shared_experts"
         plan[f"{mlp}.gate_proj"] = ColwiseShard()
         plan[f"{mlp}.up_proj"] = ColwiseShard()
         plan[f"{mlp}.down_proj"] = RowwiseShard()
@@ -89,6 +90,13 @@ def auto_plan(config: ErnieConfig, n: int) -> dict[str, ParallelStyle]:
 def rank_bytes(config: ErnieConfig, n: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Parameter and buffer bytes each of ``n`` processes holds under :func:`auto_plan` (router and
     correction bias in fp32, the rest in ``dtype``; a tied LM head counted once)."""
+    split, replicated = memory_split(config, n, dtype)
+    return split + replicated
+
+
+def memory_split(config: ErnieConfig, n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(bytes of this process's share of the split tensors, bytes of the replicated ones) under
+    :func:`auto_plan` over ``n`` processes. Counted on a meta model: nothing is allocated."""
     plan = auto_plan(config, n)
     with torch.device("meta"):
         model = ErnieMoE(config, init=False)
@@ -99,10 +107,13 @@ def rank_bytes(config: ErnieConfig, n: int, dtype: torch.dtype = torch.bfloat16)
         if fnmatch.fnmatch(path, pattern)
         for name in style.sharded
     }
-    total = 0
+    split = replicated = 0
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        size = 4 if is_fp32_key(name) else dtype.itemsize
-        total += t.numel() * size // (n if name in sharded else 1)
-    return total
+        nbytes = t.numel() * (4 if is_fp32_key(name) else dtype.itemsize)
+        if name in sharded:
+            split += nbytes // n
+        else:
+            replicated += nbytes
+    return split, replicated

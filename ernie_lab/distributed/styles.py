@@ -9,7 +9,9 @@ before the hooks run and slices their result back. The model code is unchanged a
 its rank.
 
 Collectives are torch's functional ones (``_functional_collectives``, what DTensor runs on: they
-leave their input alone, have backward formulas and trace under ``torch.compile``). Their input is
+leave their input alone and trace under ``torch.compile``). The model is for inference: its
+parameters are frozen and a collective on a tensor that requires grad raises (their backward
+formulas assume a different loss per process, which would scale our gradients). Their input is
 made contiguous first, which matters: on gloo a collective on a strided view (a transposed
 single-row matmul result) silently reduces the wrong memory.
 """
@@ -33,13 +35,24 @@ from ernie_lab.model.moe import Experts
 SHARDS = "_tp_shards"
 
 
+NO_GRAD = (
+    "gradients through a tensor-parallel model are not supported (each process computes the same "
+    "loss, which torch's collective backward formulas do not assume): run gradient-based analyses such as "
+    "attribution patching on a model loaded without tp_plan"
+)
+
+
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left alone)."""
+    """Sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left alone). Forward only."""
+    if x.requires_grad:
+        raise NotImplementedError(NO_GRAD)
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
 
 
 def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Every rank's ``x`` concatenated along ``dim`` in rank order."""
+    """Every rank's ``x`` concatenated along ``dim`` in rank order. Forward only."""
+    if x.requires_grad:
+        raise NotImplementedError(NO_GRAD)
     return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), dim, group))
 
 

@@ -7,6 +7,8 @@ and transformers' own ``tp_plan="auto"``.
 
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 import torch
 from conftest import save_hf_checkpoint
@@ -21,7 +23,7 @@ from ernie_lab.distributed import (
     spawn,
     valid_sizes,
 )
-from ernie_lab.model import ErnieConfig
+from ernie_lab.model import ErnieConfig, ErnieMoE
 
 TOL = 1e-5
 IDS = torch.tensor([[3, 17, 42, 5, 99, 7, 64, 12, 30, 2], [8, 1, 77, 23, 5, 19, 2, 45, 90, 11]])
@@ -39,19 +41,39 @@ def _zero_head(z, hook):
     return z
 
 
+def _track_grad(x, hook):
+    return x.detach().requires_grad_(True)
+
+
 def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     """Runs in each of the 2 processes; returns numbers and flags for the parent to judge."""
-    from transformers import Ernie4_5_MoeForCausalLM
+    from transformers import DistributedConfig, Ernie4_5_MoeForCausalLM
 
     import ernie_lab as el
     from ernie_lab.ablation import ablation_effect
     from ernie_lab.interventions import patch_from_cache, reroute_ablate_experts
+    from ernie_lab.io import checkpoint
     from ernie_lab.io import load_model as load_one
     from ernie_lab.model import KVCache
     from ernie_lab.routing import collect_routing
 
-    out: dict = {}
-    one, tp = load_one(ckpt), el.load_model(ckpt, tp_plan="auto")
+    out: dict = {"whole_reads": [], "sliced_reads": 0}
+    one = load_one(ckpt)
+    read_into, read_part = checkpoint.TensorReader.read_into, checkpoint.Shard.read
+
+    def spy_read_into(reader, key, dest):
+        out["whole_reads"].append(key)
+        return read_into(reader, key, dest)
+
+    def spy_read_part(shard, stored):
+        out["sliced_reads"] += 1
+        return read_part(shard, stored)
+
+    checkpoint.TensorReader.read_into, checkpoint.Shard.read = spy_read_into, spy_read_part
+    try:
+        tp = el.load_model(ckpt, tp_plan="auto")
+    finally:
+        checkpoint.TensorReader.read_into, checkpoint.Shard.read = read_into, read_part
     out["logits"] = _diff(tp(IDS), one(IDS))
     _, c_tp = tp.run_with_cache(IDS)
     _, c_one = one.run_with_cache(IDS)
@@ -85,7 +107,16 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     except ValueError as err:
         out["error"] = str(err)
 
-    hf = Ernie4_5_MoeForCausalLM.from_pretrained(ckpt, tp_plan="auto", dtype=torch.float32)
+    with torch.enable_grad():
+        try:
+            tp.run_with_hooks(IDS, fwd_hooks=[("hook_embed", _track_grad)])
+            out["grad_error"] = None
+        except NotImplementedError as err:
+            out["grad_error"] = str(err)
+
+    hf = Ernie4_5_MoeForCausalLM.from_pretrained(
+        ckpt, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32
+    )
     with torch.no_grad():
         out["transformers_tp"] = _diff(hf(IDS).logits, tp(IDS))
 
@@ -140,6 +171,21 @@ def test_each_rank_holds_its_part(results):
     assert rank_bytes(cfg, 2, torch.float32) < rank_bytes(cfg, 1, torch.float32)
 
 
+def test_each_rank_reads_only_its_slices(results):
+    # tiny: 3 layers (0 dense, 1-2 MoE with 6 experts), heads split: q/k/v/o x 3 layers, dense
+    # gate/up/down, shared gate/up/down x 2 MoE layers are read as slices
+    for rank, r in enumerate(results):
+        experts = {int(k.split(".")[5]) for k in r["whole_reads"] if ".mlp.experts." in k}
+        assert experts == set(range(3 * rank, 3 * rank + 3))
+        assert not [k for k in r["whole_reads"] if "_proj" in k and ".experts." not in k]
+        assert r["sliced_reads"] == 4 * 3 + 3 + 3 * 2
+
+
+def test_gradients_refused_clearly(results):
+    for r in results:
+        assert r["grad_error"] is not None and "without tp_plan" in r["grad_error"]
+
+
 def test_non_divisible_heads_error(results):
     for r in results:
         assert r["error"] is not None and "num_key_value_heads=1" in r["error"] and "[1]" in r["error"]
@@ -158,8 +204,18 @@ def test_plan_sizes():
     assert valid_sizes(ErnieConfig.preset("21b-a3b")) == [1, 2, 4]
     with pytest.raises(ValueError, match="not divisible by 3.*splits over \\[1, 2, 4, 8\\]"):
         check_size(cfg, 3)
-    plan = auto_plan(cfg, 8)
+
+
+@pytest.mark.parametrize("preset", ["21b-a3b", "300b-a47b"])
+def test_auto_plan_names_existing_modules(preset):
+    cfg = ErnieConfig.preset(preset)
+    plan = auto_plan(cfg, 2)
+    with torch.device("meta"):
+        paths = [p for p, _ in ErnieMoE(cfg, init=False).named_modules()]
+    for pattern in plan:
+        assert fnmatch.filter(paths, pattern), pattern
     moe = cfg.moe_layers[0]
     assert isinstance(plan[f"model.layers.{moe}.mlp"], ExpertParallel)
-    assert isinstance(plan[f"model.layers.{moe}.mlp.shared_experts.down_proj"], RowwiseShard)
-    assert isinstance(plan["model.layers.0.mlp.gate_proj"], ColwiseShard)
+    assert isinstance(plan["model.layers.0.mlp.down_proj"], RowwiseShard)
+    assert isinstance(plan["model.layers.*.self_attn.q_proj"], ColwiseShard)
+    assert (f"model.layers.{moe}.mlp.shared_experts.up_proj" in plan) == (cfg.moe_num_shared_experts > 0)
