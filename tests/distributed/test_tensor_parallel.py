@@ -51,6 +51,7 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
 
     import ernie_lab as el
     from ernie_lab.ablation import ablation_effect
+    from ernie_lab.distributed import styles
     from ernie_lab.interventions import patch_from_cache, reroute_ablate_experts
     from ernie_lab.io import checkpoint
     from ernie_lab.io import load_model as load_one
@@ -75,6 +76,26 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     finally:
         checkpoint.TensorReader.read_into, checkpoint.Shard.read = read_into, read_part
     out["logits"] = _diff(tp(IDS), one(IDS))
+    calls = {"all_reduce": 0, "all_gather": 0}
+    originals = {name: getattr(styles, name) for name in calls}
+
+    def counted(name):
+        def fn(*args):
+            calls[name] += 1
+            return originals[name](*args)
+
+        return fn
+
+    for name in calls:
+        setattr(styles, name, counted(name))
+    try:
+        tp(IDS)
+    finally:
+        for name, fn in originals.items():
+            setattr(styles, name, fn)
+    out["collectives"] = calls
+    explicit = el.load_model(ckpt, tp_plan=auto_plan(one.config, 2))
+    out["explicit_plan"] = _diff(explicit(IDS), one(IDS))
     _, c_tp = tp.run_with_cache(IDS)
     _, c_one = one.run_with_cache(IDS)
     out["cache_names"] = list(c_tp.keys()) == one.hook_names()
@@ -154,6 +175,7 @@ def test_matches_single_process(results, rank):
         assert r[check] <= TOL, check
         assert r[f"{check}_effect"] > 1e-3, f"{check} changed nothing: the comparison proves nothing"
     assert r["greedy"] == r["greedy_one"]
+    assert r["explicit_plan"] <= TOL
     assert r["transformers_tp"] <= TOL
 
 
@@ -169,6 +191,13 @@ def test_each_rank_holds_its_part(results):
         assert r["bytes"] == r["bytes_expected"]
         assert r["bytes"] < 0.7 * r["bytes_one"]
     assert rank_bytes(cfg, 2, torch.float32) < rank_bytes(cfg, 1, torch.float32)
+
+
+def test_collectives_without_hooks(results):
+    # no hook: nothing gathered; one all-reduce per o_proj (3 layers), dense down_proj (layer 0), and
+    # per MoE layer (1, 2) one for the routed experts and one for the shared experts' down_proj
+    for r in results:
+        assert r["collectives"] == {"all_reduce": 3 + 1 + 2 * 2, "all_gather": 0}
 
 
 def test_each_rank_reads_only_its_slices(results):
