@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from ernie_lab.distributed.plan import memory_split, valid_sizes
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human
@@ -58,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
 def tensor_parallel(config: ErnieConfig, n: int) -> dict:
     """Bytes per GPU (bf16 weights, fp32 router) under ``tp_plan="auto"`` on ``n`` GPUs."""
+    # the plan imports torch's DTensor machinery (seconds): only --tp pays for it
+    from ernie_lab.distributed.plan import memory_split, valid_sizes
+
     if n < 1:
         raise ValueError(f"--tp must be >= 1, got {n}")
     split, replicated = memory_split(config, n, torch.bfloat16)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from ernie_lab.distributed.group import mesh, mesh_device
-from ernie_lab.distributed.plan import auto_plan
-from ernie_lab.distributed.styles import collect_shards
 from ernie_lab.io import weights
 from ernie_lab.model.ernie import ErnieMoE
 
@@ -19,13 +17,14 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     *,
-    tp_plan: str | dict[str, ParallelStyle] | None = None,
+    tp_plan: str | dict[str, Any] | None = None,
     **kwargs,
 ) -> ErnieMoE:
     """Load ``src`` (see :func:`ernie_lab.io.load_model` for ``src``, ``dtype``, ``device``).
 
     tp_plan: None (this process holds the whole model), ``"auto"`` (the plan of
-        :func:`ernie_lab.distributed.auto_plan`) or an explicit ``{module path: ParallelStyle}``. With
+        :func:`ernie_lab.distributed.auto_plan`) or an explicit ``{module path: ParallelStyle}``
+        (torch's ``parallelize_module`` plan format, with the styles of ``distributed/styles.py``). With
         a plan, run under ``torchrun --nproc_per_node N``: the default process group is joined if
         needed (nccl on CUDA, gloo on the CPU), the model is built on the meta device and split by the
         plan, and each process reads only its slices of the checkpoint onto its device (its GPU, or
@@ -40,6 +39,12 @@ def load_model(
         raise ValueError(f"tp_plan must be None, 'auto' or a dict {{module path: ParallelStyle}}, got {tp_plan!r}")
     if device is not None and str(device) == "auto":
         raise ValueError("device='auto' spreads layers over devices; with tp_plan each process uses its own device")
+    # the DTensor machinery takes seconds to import: only a split model pays for it
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from ernie_lab.distributed.plan import auto_plan
+    from ernie_lab.distributed.styles import collect_shards
+
     device_mesh = mesh(device)
 
     def shard(model: ErnieMoE):
