@@ -56,6 +56,7 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     from ernie_lab.io import checkpoint
     from ernie_lab.io import load_model as load_one
     from ernie_lab.model import KVCache
+    from ernie_lab.patching import logit_diff, patch_experts, patch_heads
     from ernie_lab.routing import collect_routing
 
     out: dict = {"whole_reads": [], "sliced_reads": 0}
@@ -112,6 +113,15 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     hooks = patch_from_cache(source, "blocks.2.moe.hook_expert_out", positions=[3, 4], index=1)
     out["patch"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
     out["patch_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
+
+    metric = logit_diff(answer=5, distractor=7)
+    grids = []
+    for grid in (patch_heads, patch_experts):
+        g_tp, g_one = (grid(m, IDS[:1], IDS[1:], metric, progress=False) for m in (tp, one))
+        numeric = g_one.select_dtypes("number").columns
+        grids.append(float((g_tp[numeric] - g_one[numeric]).abs().to_numpy().max()))
+        grids.append(float(g_one["effect"].abs().max()))
+    out["grids"], out["grids_effect"] = max(grids[0::2]), min(grids[1::2])
 
     out["greedy"] = tp.generate(IDS, max_new_tokens=8).tolist()
     out["greedy_one"] = one.generate(IDS, max_new_tokens=8).tolist()
@@ -171,7 +181,7 @@ def test_matches_single_process(results, rank):
     assert r["cache_names"]
     worst = max(r["cache"], key=r["cache"].get)
     assert r["cache"][worst] <= TOL, worst
-    for check in ("head_ablation", "reroute", "patch"):
+    for check in ("head_ablation", "reroute", "patch", "grids"):
         assert r[check] <= TOL, check
         assert r[f"{check}_effect"] > 1e-3, f"{check} changed nothing: the comparison proves nothing"
     assert r["greedy"] == r["greedy_one"]
