@@ -10,6 +10,7 @@ device planning in :mod:`ernie_lab.model.placement`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -231,7 +232,8 @@ def _copy_tensors(
             local[key] = (Slot(slot.name, slot.expert - part.start, slot.rows, slot.shape), None)
     with torch.no_grad(), tqdm(total=len(local), desc="loading", unit="tensor", disable=None, leave=False) as bar:
         for path, group in by_file(files, list(local)).items():
-            with TensorReader(path) as reader, open_file(path) as sliced:
+            any_sliced = any(local[key][1] is not None for key in group)
+            with TensorReader(path) as reader, open_file(path) if any_sliced else contextlib.nullcontext() as sliced:
                 for key in group:
                     slot, part = local[key]
                     dest = slot.view(state[slot.name])

@@ -15,10 +15,12 @@ from conftest import save_hf_checkpoint
 
 from ernie_lab.distributed import (
     ColwiseShard,
+    DataSplit,
     ExpertParallel,
     RowwiseShard,
     auto_plan,
     check_size,
+    data_split,
     rank_bytes,
     spawn,
     valid_sizes,
@@ -258,3 +260,16 @@ def test_auto_plan_names_existing_modules(preset):
     assert isinstance(plan["model.layers.0.mlp.down_proj"], RowwiseShard)
     assert isinstance(plan["model.layers.*.self_attn.q_proj"], ColwiseShard)
     assert (f"model.layers.{moe}.mlp.shared_experts.up_proj" in plan) == (cfg.moe_num_shared_experts > 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7])
+def test_data_split_blocks_cover_the_dataset_in_order(n):
+    parts = [DataSplit(rank, 3).part(n) for rank in range(3)]
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_data_split_off_without_a_group():
+    assert data_split(object()) is None
+    with pytest.raises(ValueError, match="process group"):
+        data_split(object(), data_parallel=True)
