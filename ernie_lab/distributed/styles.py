@@ -9,11 +9,11 @@ before the hooks run and slices their result back. The model code is unchanged a
 its rank.
 
 Collectives are torch's functional ones (``_functional_collectives``, what DTensor runs on: they
-leave their input alone and trace under ``torch.compile``). The model is for inference: its
-parameters are frozen and a collective on a tensor that requires grad raises (their backward
-formulas assume a different loss per process, which would scale our gradients). Their input is
-made contiguous first, which matters: on gloo a collective on a strided view (a transposed
-single-row matmul result) silently reduces the wrong memory.
+leave their input alone and trace under ``torch.compile``), always on a contiguous copy: on gloo a
+collective on a strided view (a transposed single-row matmul result) silently reduces the wrong
+memory. The split model is for inference: its parameters are frozen and a collective on a tensor
+that requires grad raises (their backward formulas assume a different loss per process, which would
+scale our gradients).
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 def _shrink(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> Shard:
     """Replace parameter ``name`` by this rank's equal part along ``dim`` (no data: meta device)."""
     full = getattr(module, name)
+    if not full.is_meta:
+        raise ValueError(
+            f"parallel styles split a model built on the meta device (before its weights are read), but "
+            f"{type(module).__name__}.{name} is on {full.device}: load with el.load_model(src, tp_plan=...)"
+        )
     n, rank = mesh.size(), mesh.get_local_rank()
     if full.shape[dim] % n:
         raise ValueError(
