@@ -5,7 +5,8 @@
     logits, cache = model.run_with_cache(tokens)
 
 The package is a set of wings, each a subpackage (``model``, ``io``, ``generation``, ``routing``,
-``patching``, ``ablation``, ``experts``, ``report``, ``toy``, ``commands``); see the README's "Architecture".
+``patching``, ``ablation``, ``experts``, ``distributed``, ``report``, ``toy``, ``commands``); see the
+README's "Architecture".
 Public names resolve lazily, so ``import ernie_lab`` stays cheap (no pandas/matplotlib until an
 analysis is used).
 """
@@ -25,7 +26,7 @@ _EXPORTS = {
     "ActivationCache": "ernie_lab.model",
     "KVCache": "ernie_lab.model",
     "count_params": "ernie_lab.model",
-    "load_model": "ernie_lab.io",
+    "load_model": "ernie_lab.distributed",
     "save_model": "ernie_lab.io",
     "CheckpointError": "ernie_lab.io",
     "load_tokenizer": "ernie_lab.io",
@@ -35,6 +36,7 @@ _EXPORTS = {
 _MODULES = (
     "model",
     "io",
+    "distributed",
     "generation",
     "interventions",
     "routing",

@@ -16,6 +16,7 @@ RANK = {
     "model": 1,
     "io": 2,
     "steering": 2,
+    "distributed": 2.5,  # loads checkpoint slices (io); generation and analyses use its broadcast/split
     "generation": 3,
     "interventions": 3,
     "routing": 4,

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.distributed.data import data_split
 from ernie_lab.interventions import (
     expert_mean_outputs,
     mean_ablate_experts,
@@ -147,7 +148,13 @@ def _run_ablations(
 ) -> dict[str, torch.Tensor]:
     """Sums over predicted tokens, per group: ``count [group]``, ``base [group]`` (NLL),
     ``ablated [ablation group]`` (NLL) and ``kl [ablation group]``. One base run per batch is shared by
-    every ablation; an empty hook list reuses it (so n = 0 ablated experts gives exactly the base)."""
+    every ablation; an empty hook list reuses it (so n = 0 ablated experts gives exactly the base).
+    Under a process group with a whole model per process, each process takes a block of the
+    sequences and the sums are added over processes (:func:`ernie_lab.distributed.data_split`)."""
+    split = data_split(model)
+    if split:
+        part = split.part(len(sequences))
+        sequences, seq_group = sequences[part], seq_group[part]
     sums = {
         "count": torch.zeros(n_group, dtype=torch.float64),
         "base": torch.zeros(n_group, dtype=torch.float64),
@@ -178,6 +185,8 @@ def _run_ablations(
             logp = _predicted_log_probs(model, ids, mask, valid, hooks) if hooks else base
             add("ablated", -logp.gather(-1, targets)[:, 0], group, a)
             add("kl", (p_base * (base - logp)).sum(-1), group, a)  # KL(p_base || p_ablated) per position
+    if split:
+        sums = split.sum(sums)
     if sums["count"].sum() == 0:
         raise ValueError("the dataset has no predicted token (every sequence needs >= 2 real tokens)")
     return sums

@@ -41,6 +41,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--offload", choices=("experts",), default=None, help="compare expert offload (with --expert-slots)"
     )
     parser.add_argument("--expert-slots", type=int, default=4, metavar="K", help="device slots per layer (default 4)")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: tp_plan='auto' on N CPU processes (gloo) against one process (forward times, bytes held)",
+    )
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     return parser
 
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.tp is not None:
+        return run_tp(args)
     if (args.quantization or args.offload) and not args.real_shape:
         table = _variant_table(args)
         slots = f", offload {args.expert_slots} slots" if args.offload else ""
@@ -116,6 +125,21 @@ def _variant_table(args: argparse.Namespace):
         expert_slots=args.expert_slots if args.offload else None,
         routing_overlap=overlap,
     )
+
+
+def run_tp(args: argparse.Namespace) -> int:
+    """``--tp N``: tp_plan='auto' on N CPU processes against one process (generation/tp_bench.py)."""
+    from ernie_lab.generation.tp_bench import run_tp_bench
+
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    table = run_tp_bench(config=args.config, n=args.tp, repeats=args.repeats, quick=args.quick)
+    config = "tiny (quick)" if args.quick else args.config
+    print(header(f"config {config}, float32, cpu, tp_plan='auto' on {args.tp} processes (gloo, 1 thread each)"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return 0
 
 
 def header(what: str) -> str:

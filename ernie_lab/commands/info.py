@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human, weight_bytes
@@ -36,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="K",
         help="also show the device memory with offload='experts' and K expert slots per layer",
     )
+    parser.add_argument(
+        "--tp", type=int, default=None, metavar="N", help="also show the weights per GPU under tp_plan='auto' on N GPUs"
+    )
     return parser
 
 
@@ -45,12 +50,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--expert-slots must be in 1..{config.moe_num_experts}, got {args.expert_slots}")
     counts = count_params(config)
     memory = weight_bytes(config, args.quantization, expert_slots=args.expert_slots)
+    parallel = tensor_parallel(config, args.tp) if args.tp is not None else None
     if args.json:
-        print(json.dumps({**summary(config, counts, origin, directory), "memory": memory}, indent=2, default=str))
+        extra = {"memory": memory, "tensor_parallel": parallel}
+        print(json.dumps({**summary(config, counts, origin, directory), **extra}, indent=2, default=str))
     else:
         print(render(config, counts, origin, directory))
         if args.quantization or args.expert_slots:
             print(memory_line(memory, args.quantization, args.expert_slots))
+        if parallel is not None:
+            print(render_parallel(parallel))
     return 0
 
 
@@ -63,6 +72,30 @@ def memory_line(memory: dict[str, int], quantization: str | None, expert_slots: 
     if expert_slots:
         line += f"; offload with {expert_slots} expert slots per layer: {human(memory['device'], 'B')} on the device"
     return line
+
+
+def tensor_parallel(config: ErnieConfig, n: int) -> dict:
+    """Bytes per GPU (bf16 weights, fp32 router) under ``tp_plan="auto"`` on ``n`` GPUs."""
+    # the plan imports torch's DTensor machinery (seconds): only --tp pays for it
+    from ernie_lab.distributed.plan import memory_split, valid_sizes
+
+    if n < 1:
+        raise ValueError(f"--tp must be >= 1, got {n}")
+    split, replicated = memory_split(config, n, torch.bfloat16)
+    return {
+        "gpus": n,
+        "per_gpu_bytes": split + replicated,
+        "replicated_bytes": replicated,
+        "valid": valid_sizes(config),
+    }
+
+
+def render_parallel(p: dict) -> str:
+    return (
+        f"tensor parallel  tp_plan='auto' on {p['gpus']} GPUs: {human(p['per_gpu_bytes'], 'B')} of bf16 weights "
+        f"per GPU, of which {human(p['replicated_bytes'], 'B')} replicated (embedding, LM head, norms, "
+        f"routers); plus KV cache and activations. Valid GPU counts: {p['valid']}"
+    )
 
 
 def load_config(src: str) -> tuple[ErnieConfig, str, Path | None]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.distributed.group import broadcast_from_first
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
 from ernie_lab.model.kv_cache import KVCache
@@ -221,6 +222,8 @@ def _decode_loop(
             ids = sample_next(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator
             )
+            # tensor parallel: every process continues with the first one's token (sampling may differ)
+            ids = broadcast_from_first(ids, getattr(model, "tp_mesh", None))
             ids = torch.where(finished, pad, ids)
             if seen is not None:
                 seen[torch.arange(batch, device=device), ids] = True

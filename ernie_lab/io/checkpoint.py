@@ -65,6 +65,21 @@ class Slot:
         return tensor
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The part ``[start, stop)`` along ``dim`` of a full model tensor that this process holds
+    (tensor or expert parallelism). For stacked experts ``dim`` is 0, the expert axis."""
+
+    dim: int
+    start: int
+    stop: int
+
+    def read(self, stored) -> torch.Tensor:
+        """This part of a stored tensor, from a safetensors ``get_slice`` handle (reads only it)."""
+        index = (slice(None),) * self.dim + (slice(self.start, self.stop),)
+        return stored[index]
+
+
 def is_mtp_key(key: str) -> bool:
     """Multi-token-prediction keys, which ERNIE 4.5 ships but inference (and transformers) ignores."""
     return bool(_MTP_KEY.search(key))

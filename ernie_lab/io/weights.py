@@ -10,8 +10,10 @@ device planning in :mod:`ernie_lab.model.placement`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from ernie_lab.io.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
+    Shard,
     Slot,
     TensorReader,
     by_file,
@@ -88,6 +91,7 @@ def load_model(
     quantization_config=None,
     offload: str | None = None,
     expert_slots: int | None = None,
+    shard: Callable[[ErnieMoE], dict[str, Shard]] | None = None,
 ) -> ErnieMoE:
     """Load ``src`` into an :class:`ErnieMoE` in eval mode.
 
@@ -112,9 +116,16 @@ def load_model(
     absent only when the config says ``moe_use_aux_free: false`` (it is then zero). With tied
     embeddings a stored ``lm_head.weight`` equal to the embedding is skipped; one that differs is used
     (untied, with a warning), as transformers does.
+
+    shard: the seam for a parallel plan (``ernie_lab.distributed``). Called on the meta model after
+        the checkpoint's keys and shapes are checked, it may shrink parameters to this process's part
+        and returns state name -> :class:`Shard`; only those parts are then read (``get_slice``), and
+        a stacked expert tensor's shard reads only its experts' keys.
     """
     fmt, compute_dtype = resolve_quantization(quantization, quantization_config)
     check_offload(offload, expert_slots)
+    if shard is not None and (fmt or offload):
+        raise ValueError("quantization and offload do not combine with tp_plan yet: load the full-precision model")
     directory = resolve_source(src, allow_patterns=HUB_PATTERNS)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face-layout checkpoint")
@@ -130,6 +141,7 @@ def load_model(
     if offload is not None:
         check_offload(offload, expert_slots, config.moe_num_experts)
     dtype = parse_dtype(dtype) if dtype is not None else compute_dtype or _checkpoint_dtype(config, files)
+    shards = shard(model) if shard is not None else {}
     with torch.device("meta"):
         swapped = quantize_modules(model, fmt, dtype) if fmt else {}
     placement = make_placement(model, dtype, device)
@@ -137,7 +149,7 @@ def load_model(
         placement = _experts_on_host(placement)
     kept = {f"{path}.{name}" for path, m in swapped.items() for name, _ in m.named_buffers()}
     state = _allocate(model, layout, dtype, placement, zero=optional_missing, keep_dtype=kept)
-    _copy_tensors(layout, files, keys, state, swapped, dtype)
+    _copy_tensors(layout, files, keys, state, swapped, dtype, shards)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True wrapped each key in its own Parameter: share one again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -252,17 +264,29 @@ def _copy_tensors(
     state: dict[str, torch.Tensor],
     swapped: dict[str, torch.nn.Module],
     dtype: torch.dtype,
+    shards: dict[str, Shard],
 ) -> None:
     """Read each stored tensor into its slot, file by file: straight into the model's memory when
     the dtype matches, else through one temporary tensor at a time; a tensor of a quantized module
-    (``swapped``) is read in ``dtype`` and quantized into its storage."""
-    with torch.no_grad(), tqdm(total=len(keys), desc="loading", unit="tensor", disable=None, leave=False) as bar:
-        for path, group in by_file(files, keys).items():
-            with TensorReader(path) as reader:
+    (``swapped``) is read in ``dtype`` and quantized into its storage. A sharded tensor gets only its
+    part: a slice read through ``get_slice``, or for stacked experts only the experts it holds."""
+    local = {}
+    for key in keys:
+        slot, part = layout[key], shards.get(layout[key].name)
+        if part is None or slot.expert is None:
+            local[key] = (slot, part)
+        elif part.start <= slot.expert < part.stop:  # an expert of this shard, at its local index
+            local[key] = (Slot(slot.name, slot.expert - part.start, slot.rows, slot.shape), None)
+    with torch.no_grad(), tqdm(total=len(local), desc="loading", unit="tensor", disable=None, leave=False) as bar:
+        for path, group in by_file(files, list(local)).items():
+            any_sliced = any(local[key][1] is not None for key in group)
+            with TensorReader(path) as reader, open_file(path) if any_sliced else contextlib.nullcontext() as sliced:
                 for key in group:
-                    slot = layout[key]
+                    slot, part = local[key]
                     target = quantized_target(swapped, slot.name)
-                    if target is None:
+                    if part is not None:
+                        slot.view(state[slot.name]).copy_(part.read(sliced.get_slice(key)))
+                    elif target is None:
                         reader.read_into(key, slot.view(state[slot.name]))
                     else:
                         w = torch.empty(slot.shape, dtype=dtype)

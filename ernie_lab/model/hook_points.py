@@ -37,21 +37,30 @@ class HookError(RuntimeError):
 class HookPoint:
     """A named place in the forward pass where hooks can read or replace an activation."""
 
-    __slots__ = ("name", "layer", "fwd", "bwd")
+    __slots__ = ("name", "layer", "fwd", "bwd", "wrap")
 
     def __init__(self, name: str, layer: int | None = None):
         self.name = name
         self.layer = layer
         self.fwd: list[HookFn] = []
         self.bwd: list[HookFn] = []
+        # set by a parallel plan (ernie_lab.distributed) where this process holds part of the
+        # activation: wrap(x, point) makes it whole, calls point.run and returns this process's part
+        self.wrap: Callable[[torch.Tensor, HookPoint], torch.Tensor] | None = None
 
     @property
     def active(self) -> bool:
         return bool(self.fwd or self.bwd)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wrap is not None:
+            return self.wrap(x, self)
         if not (self.fwd or self.bwd):
             return x
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the attached hooks to the whole activation ``x``; returns the (possibly replaced) value."""
         for fn in list(self.fwd):
             out = fn(x, self)
             if out is not None:

@@ -51,10 +51,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | Sequence[torch.device | str] | None = None,
         home: torch.device | str | None = None,
+        kv_heads: int | None = None,
     ) -> KVCache:
         """Zeroed keys and values for ``max_pos`` positions. ``device`` is one device for every layer,
         or one per layer (a model spread over devices); the bookkeeping (key mask, next positions)
-        lives on ``home``, by default the first layer's device."""
+        lives on ``home``, by default the first layer's device. ``kv_heads`` defaults to the config's
+        (a tensor-parallel process caches only its own)."""
         if not isinstance(config, ErnieConfig):
             raise TypeError(f"config must be an ErnieConfig, got {type(config).__name__}")
         for name, value in (("batch", batch), ("max_pos", max_pos)):
@@ -70,7 +72,7 @@ class KVCache:
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * n_layer
         if len(devices) != n_layer:
             raise ValueError(f"{len(devices)} cache devices given for {n_layer} layers")
-        shape = (batch, config.num_key_value_heads, max_pos, config.d_head)
+        shape = (batch, kv_heads or config.num_key_value_heads, max_pos, config.d_head)
         layers = [
             LayerKV(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d))
             for d in devices
@@ -80,10 +82,12 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_pos: int) -> KVCache:
         """A cache in ``model``'s dtype with each layer on the device of its decoder layer, and the
-        bookkeeping on the embedding's device (where the input ids and positions live)."""
+        bookkeeping on the embedding's device (where the input ids and positions live). It holds the
+        key/value heads ``k_proj`` computes: all of them, or a tensor-parallel process's own."""
         devices = [block.input_layernorm.weight.device for block in model.blocks]
         embed = model.model.embed_tokens.weight
-        return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device)
+        kv_heads = model.blocks[0].self_attn.k_proj.weight.shape[0] // model.config.d_head
+        return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device, kv_heads=kv_heads)
 
     @property
     def capacity(self) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ernie_lab.distributed.data import data_split
 from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches, token_groups
 from ernie_lab.routing.record import Routing
 
@@ -33,6 +34,7 @@ def collect_routing(
     groups: Sequence[Any] | None = None,
     progress: bool = True,
     fwd_hooks: Iterable[tuple[Any, Any]] = (),
+    data_parallel: bool | None = None,
 ) -> Routing:
     """Run ``model`` over a dataset and record every MoE layer's routing on the real tokens.
 
@@ -40,6 +42,9 @@ def collect_routing(
         batches_or_texts: anything :func:`as_sequences` accepts (texts need ``tokenizer``).
         groups: one label per sequence (e.g. the domain of each prompt), copied to its tokens.
         fwd_hooks: extra hooks active during the runs (e.g. an ablation, to record its routing).
+        data_parallel: split the sequences over the processes of a process group and combine the
+            records on every process (see :func:`ernie_lab.distributed.data_split`; None = when a
+            group is up and the model is not tensor-parallel).
 
     Only the router points (``hook_router_probs``, ``hook_topk_idx``, ``hook_topk_weights``) are
     read, and per-token L2 norms of ``hook_routed_out`` / ``hook_shared_out`` and their cosine are
@@ -93,14 +98,18 @@ def collect_routing(
         if has_shared:
             hooks.append((moe.format(L) + "shared_out", on_shared))
     check_batch_size(batch_size)
-    n_batches = -(-len(sequences) // batch_size)
+    split = data_split(model, data_parallel)
+    mine = sequences[split.part(len(sequences))] if split else sequences
+    n_batches = -(-len(mine) // batch_size)
     with torch.no_grad(), model.hooks(hooks):
         for ids, mask, _ in tqdm(
-            iter_batches(sequences, batch_size, pad_id), total=n_batches, disable=not progress, desc="routing"
+            iter_batches(mine, batch_size, pad_id), total=n_batches, disable=not progress, desc="routing"
         ):
             state["real"] = mask.bool()
             with contextlib.suppress(_StopForward):
                 model(ids, attention_mask=mask)
+    if split:
+        parts = split.concat_lists(parts)
     stacked = {k: torch.stack([torch.cat(p) for p in v]) for k, v in parts.items()}
     bias = torch.stack(
         [model.blocks[L].mlp.moe_statics.e_score_correction_bias.detach().float().cpu()[0] for L in layers]
