@@ -73,6 +73,8 @@ def _shrink(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> Shard:
     shard = Shard(dim, rank * step, (rank + 1) * step)
     local = full.narrow(dim, shard.start, step)
     setattr(module, name, nn.Parameter(torch.empty_like(local, device=full.device), requires_grad=full.requires_grad))
+    if name == "weight" and isinstance(module, nn.Linear):  # keep the Linear's sizes those of its part
+        module.out_features, module.in_features = local.shape
     module.__dict__.setdefault(SHARDS, {})[name] = shard
     return shard
 
@@ -142,6 +144,7 @@ class ExpertShardExperts(Experts):
     ids; an expert held by another rank gives zeros, so its slots add nothing here."""
 
     first = 0
+    expert_subset = True  # the MoE block's gathered decode path needs every expert
 
     def _mine(self, e: int) -> bool:
         return self.first <= e < self.first + self.gate_up_proj.shape[0]

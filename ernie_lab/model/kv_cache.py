@@ -86,7 +86,7 @@ class KVCache:
         key/value heads ``k_proj`` computes: all of them, or a tensor-parallel process's own."""
         devices = [block.input_layernorm.weight.device for block in model.blocks]
         embed = model.model.embed_tokens.weight
-        kv_heads = model.blocks[0].self_attn.k_proj.weight.shape[0] // model.config.d_head
+        kv_heads = model.blocks[0].self_attn.k_proj.out_features // model.config.d_head
         return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device, kv_heads=kv_heads)
 
     @property

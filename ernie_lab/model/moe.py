@@ -204,7 +204,8 @@ class MoE(nn.Module):
         """
         xs = rearrange(x, "b p d -> (b p) d")
         ex = self.experts
-        whole = ex.gate_up_proj.shape[0] == self.n_expert  # every expert here (not an expert-parallel part)
+        # an expert-parallel part (ernie_lab.distributed) holds some experts only: no gather there
+        whole = not getattr(ex, "expert_subset", False)
         if x.device.type != "cpu" and idx.numel() <= GATHER_MAX_SLOTS and whole:
             out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)

@@ -26,6 +26,6 @@ def test_per_gpu_bytes(capsys, preset, n):
 
 
 def test_invalid_gpu_count(capsys):
-    assert cli.main(["info", "300b-a47b", "--tp", "3"]) == 1
+    assert cli.main(["info", "300b-a47b", "--tp", "3"]) == 2
     err = capsys.readouterr().err
     assert "not divisible by 3" in err and "[1, 2, 4, 8]" in err
