@@ -190,6 +190,7 @@ def _decode_loop(
         seen = token_presence(input_ids, model.config.vocab_size, attention_mask)
     cache = KVCache.for_model(model, batch, prompt + max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    can_finish = bool(eos.numel() or stops)  # without eos ids or stop strings no row ever ends
     texts: list[list[int]] = [[] for _ in range(batch)]  # generated ids per row, for stop strings
     with model.hooks(fwd_hooks), tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress) as bar:
         step_fn = _decode_step(model, compile, batch)
@@ -200,7 +201,8 @@ def _decode_loop(
             ids = sample_next(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator
             )
-            ids = torch.where(finished, pad, ids)
+            if can_finish:
+                ids = torch.where(finished, pad, ids)
             if seen is not None:
                 seen[torch.arange(batch, device=device), ids] = True
             if eos.numel():
@@ -209,10 +211,10 @@ def _decode_loop(
                 finished = finished | _hit_stop_strings(ids, finished, texts, tokenizer, stops)
             bar.update(1)
             yield ids
-            # the only host sync of a step: decide whether another forward is needed
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            # the only host sync of a step, and only when rows can end: is another forward needed?
+            if step + 1 == max_new_tokens or (can_finish and bool(finished.all())):
                 return
-            logits = step_fn(ids[:, None], cache)[:, -1]
+            logits = step_fn(ids.view(batch, 1), cache)[:, -1]
 
 
 def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:

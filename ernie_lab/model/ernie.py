@@ -20,8 +20,13 @@ from torch import nn
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.hook_points import HookPoint, HookRegistry
 from ernie_lab.model.kv_cache import KVCache, LayerKV
-from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_angles
+from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_tables
 from ernie_lab.model.moe import MoE
+from ernie_lab.model.weight_views import forget
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x if x.device == device else x.to(device)
 
 
 class DecoderLayer(nn.Module):
@@ -87,6 +92,11 @@ class ErnieMoE(HookRegistry, nn.Module):
         if init:
             self.init_weights()
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() replace the weights' data: drop the cached views of the old data
+        forget(self.parameters())
+        return super()._apply(fn, recurse)
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
@@ -128,7 +138,7 @@ class ErnieMoE(HookRegistry, nn.Module):
     def forward_unchecked(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """``forward`` without input validation (no host sync): for the generation loop."""
         positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
-        cos, sin = rope_angles(positions, self.config.d_head, self.config.rope_theta)
+        cos, sin = rope_tables(positions, self.config.d_head, self.config.rope_theta)
         x = self.hook_embed(self.model.embed_tokens(input_ids))
         for i, block in enumerate(self.blocks):
             device = block.input_layernorm.weight.device
@@ -138,8 +148,8 @@ class ErnieMoE(HookRegistry, nn.Module):
             x = block(x, cos, sin, mask, cache.layers[i] if cache else None, pos0)
         if cache is not None:
             cache.pos += input_ids.shape[1]
-        x = self.hook_normalized(self.model.norm(x.to(self.model.norm.weight.device)))
-        return self.hook_logits(self.lm_head(x.to(self.lm_head.weight.device)))
+        x = self.hook_normalized(self.model.norm(_to(x, self.model.norm.weight.device)))
+        return self.hook_logits(self.lm_head(_to(x, self.lm_head.weight.device)))
 
     def _positions_and_mask(self, input_ids, attention_mask, cache):
         """Rotary positions ``[batch pos]``, attention mask ``[batch 1 pos kv_pos]`` (None = causal)
@@ -149,8 +159,11 @@ class ErnieMoE(HookRegistry, nn.Module):
         pos0 = cache.pos if cache is not None else 0
         if attention_mask is None:
             real = None
-            offsets = cache.next_position[:, None] if cache is not None else 0
-            positions = torch.arange(t, device=device).expand(b, t) + offsets
+            if cache is not None and t == 1:  # a decode step: each row's next position (a copy: it moves on below)
+                positions = cache.next_position.view(b, 1).clone()
+            else:
+                offsets = cache.next_position[:, None] if cache is not None else 0
+                positions = torch.arange(t, device=device).expand(b, t) + offsets
         else:
             real = attention_mask.to(device=device, dtype=torch.bool)
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)

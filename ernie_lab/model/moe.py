@@ -16,6 +16,7 @@ from torch import nn
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.hook_points import HookPoint
 from ernie_lab.model.layers import SwiGLU, linear
+from ernie_lab.model.weight_views import expert_halves, expert_transposed
 
 
 class _Fp32Module(nn.Module):
@@ -57,12 +58,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
 
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]``."""
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]`` -> ``[n d_expert]``."""
+        gate, up = expert_halves(self.gate_up_proj, e)
+        return F.silu(torch.mm(x, gate)) * torch.mm(x, up)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.down_proj[e])
+        """``down(h)`` of expert ``e`` on ``h [n d_expert]`` -> ``[n d_model]``."""
+        return torch.mm(h, expert_transposed(self.down_proj, e))
 
 
 def _sorted_slots(idx: torch.Tensor, n_expert: int):
@@ -108,11 +110,14 @@ def _unsort(t_sorted: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> t
 def _mix(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the selected experts' outputs ``[b p k d]`` -> ``[b p d]``.
 
-    One batched matmul, shared by both paths so they agree bit for bit; a scatter-add (index_add_)
-    would be simpler but runs as a multi-threaded region even for a handful of rows, which costs
-    milliseconds per call on a busy CPU.
+    One batched matmul ``[n 1 k] @ [n k d]``, shared by both paths so they agree bit for bit; a
+    scatter-add (index_add_) would be simpler but runs as a multi-threaded region even for a handful
+    of rows, which costs milliseconds per call on a busy CPU.
     """
-    return einsum(out, weights, "b p k d, b p k -> b p d")
+    b, p, k, d = out.shape
+    rows = out.view(b * p, k, d) if out.is_contiguous() else out.reshape(b * p, k, d)
+    mix = weights.view(b * p, 1, k) if weights.is_contiguous() else weights.reshape(b * p, 1, k)
+    return torch.bmm(mix, rows).view(b, p, d)
 
 
 class MoE(nn.Module):
@@ -151,10 +156,10 @@ class MoE(nn.Module):
         probs changes the selection, and editing the indices re-gathers the weights.
         """
         # fp32 logits whatever the model dtype (transformers disables autocast here too)
-        logits = self.hook_router_logits(F.linear(x.float(), self.gate.weight.float()))
+        logits = self.hook_router_logits(linear(x if x.dtype == torch.float32 else x.float(), self.gate.weight))
         probs = self.hook_router_probs(logits.softmax(dim=-1))
         # select on bias-corrected scores (aux-loss-free balancing), ...
-        scores = probs + self.moe_statics.e_score_correction_bias.squeeze(0)
+        scores = probs + self.moe_statics.e_score_correction_bias  # [1 expert] broadcasts
         idx = self.hook_topk_idx(scores.topk(self.k, dim=-1).indices)
         if self.hook_topk_idx.active:  # a hook may have re-routed: only then check (a host sync)
             self._check_expert_ids(idx)
@@ -173,7 +178,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
-        weights = weights.to(x.dtype)
+        weights = weights if weights.dtype == x.dtype else weights.to(x.dtype)
         if self.hook_expert_post.active or self.hook_expert_out.active:
             routed = self._routed_explicit(x, idx, weights)
         else:
@@ -190,14 +195,14 @@ class MoE(nn.Module):
         without sorting; a few tokens on an accelerator gather the selected experts' weights, which
         needs no host sync (the sort needs per-expert counts on the host).
         """
-        xs = rearrange(x, "b p d -> (b p) d")
+        xs = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
         ex = self.experts
         if x.device.type != "cpu" and idx.numel() <= GATHER_MAX_SLOTS:
             out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
         if xs.shape[0] == 1:
-            out = torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.flatten().tolist()])
-            return _mix(rearrange(out, "(b p k) d -> b p k d", b=1, p=1), weights)
+            out = torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.view(-1).tolist()])
+            return _mix(out.view(1, 1, *out.shape), weights)
         order, token, counts = _sorted_slots(idx, self.n_expert)
         rows = xs.index_select(0, token)
         out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, counts, x.shape[-1])
