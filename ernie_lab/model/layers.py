@@ -46,6 +46,19 @@ def _heads_first(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
 
+def _merge_batch_heads(t: torch.Tensor) -> torch.Tensor:
+    """``[b h n d]`` -> ``[b*h n d]``; a view for the cache's filled prefix (rows of a longer buffer)."""
+    b, h, n, d = t.shape
+    if t.stride(3) == 1 and t.stride(2) == d and t.stride(0) == h * t.stride(1):
+        return t.view(b * h, n, d)
+    return t.reshape(b * h, n, d)
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """fp32 on the CPU, outside torch.compile: where the hand-written decode attention applies."""
+    return t.is_cpu and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and checkpoint keys) computed by :func:`linear`."""
 
@@ -147,6 +160,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, kvh * dh, bias=cfg.use_bias)
         self.v_proj = Linear(d, kvh * dh, bias=cfg.use_bias)
         self.o_proj = Linear(h * dh, d, bias=cfg.use_bias)
+        self._scale = torch.tensor(dh**-0.5, dtype=torch.float32, device="cpu")  # sdpa's default scale
         prefix = f"blocks.{layer}.attn."
         names = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")
         for n in names:
@@ -185,10 +199,15 @@ class Attention(nn.Module):
         v = self.hook_v(self.v_proj(x2).view(b, p, self.n_kv_head, self.d_head))
         q = self.hook_rot_q(apply_rope(q, cos, sin))
         k = self.hook_rot_k(apply_rope(k, cos, sin))
-        q, k, v = (_heads_first(t) for t in (q, k, v))  # [b h p d]
+        k, v = _heads_first(k), _heads_first(v)  # [b kv_head p d]
         if kv is not None:
             k, v = kv.update(pos, k, v)
-        if self.hook_attn_scores.active or self.hook_pattern.active:
+        explicit = self.hook_attn_scores.active or self.hook_pattern.active
+        if p == 1 and mask is None and not explicit and _plain_cpu(q):
+            z = self._one_query(q, k, v)
+            return self.o_proj(_rows(self.hook_z(z))).view(b, p, d)
+        q = _heads_first(q)  # [b head p d]
+        if explicit:
             z = self._explicit(q, k, v, mask)
         else:
             # a branch, not an expression: under torch.compile the shapes are symbolic and sdpa wants a bool
@@ -197,6 +216,19 @@ class Attention(nn.Module):
             z = _heads_first(z)  # [b p h d]
         z = self.hook_z(z)
         return self.o_proj(_rows(z)).view(b, p, d)
+
+    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A decode step without padding on the CPU: ``q [b 1 head d_head]`` over every cached key,
+        two batched matmuls per (batch, kv_head) group and a softmax -> ``z [b 1 head d_head]``.
+
+        The same attention as the sdpa call (fewer operator calls: no layout round trips), equal to
+        it to fp32 round-off.
+        """
+        b, _, h, dh = q.shape
+        kvh = k.shape[1]
+        k, v = _merge_batch_heads(k), _merge_batch_heads(v)  # [b*kv_head kv_pos d_head]
+        scores = torch.bmm(q.view(b * kvh, h // kvh, dh), k.transpose(1, 2))
+        return torch.bmm(scores.mul_(self._scale).softmax(-1), v).view(b, 1, h, dh)
 
     def _explicit(self, q, k, v, mask) -> torch.Tensor:
         """Scores and softmax written out (softmax in fp32, as transformers' eager attention)."""

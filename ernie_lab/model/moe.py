@@ -115,9 +115,16 @@ def _mix(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     of rows, which costs milliseconds per call on a busy CPU.
     """
     b, p, k, d = out.shape
+    if b * p == 1 and out.is_contiguous():
+        return _mix_one(out.view(k, d), weights)
     rows = out.view(b * p, k, d) if out.is_contiguous() else out.reshape(b * p, k, d)
     mix = weights.view(b * p, 1, k) if weights.is_contiguous() else weights.reshape(b * p, 1, k)
     return torch.bmm(mix, rows).view(b, p, d)
+
+
+def _mix_one(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` for one token: ``out [topk d]``, ``weights [1 1 topk]`` -> ``[1 1 d]`` as ``[1 k] @ [k d]``."""
+    return torch.mm(weights.view(1, -1), out).view(1, 1, -1)
 
 
 class MoE(nn.Module):
@@ -201,8 +208,7 @@ class MoE(nn.Module):
             out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
         if xs.shape[0] == 1:
-            out = torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.view(-1).tolist()])
-            return _mix(out.view(1, 1, *out.shape), weights)
+            return _mix_one(torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.tolist()[0][0]]), weights)
         order, token, counts = _sorted_slots(idx, self.n_expert)
         rows = xs.index_select(0, token)
         out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, counts, x.shape[-1])
