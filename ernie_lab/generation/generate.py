@@ -220,11 +220,14 @@ def _decode_loop(
 def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
     """The one-token forward: ``ids [batch 1]`` -> logits ``[batch 1 vocab]``, no input validation.
 
-    ``compile`` (used only while no hook is attached) compiles it once per model dtype and device,
-    with dynamic shapes since the filled cache prefix grows by one each step. On the CPU the
-    generated kernels get a C++ wrapper, which takes the Python interpreter out of the step (1.25x
-    faster again on the bench config), and only batch 1 is compiled there: batched steps sort tokens
-    by expert, which ran slower compiled than eager (146 vs 167 tokens/s at batch 8).
+    ``compile`` (used only while no hook is attached: an active hook point forces the eager step, so
+    hooks see every step) compiles it once per model dtype and device, with dynamic shapes since the
+    filled cache prefix grows by one each step. On the CPU the generated kernels get a C++ wrapper,
+    which takes the Python interpreter out of the step (1.25x faster again on the bench config), and
+    only batch 1 is compiled there: batched steps sort tokens by expert, which ran slower compiled
+    than eager (146 vs 167 tokens/s at batch 8). On CUDA the step is compiled with
+    ``mode="reduce-overhead"``: inductor replays it as a CUDA graph (one launch per step instead of
+    one per kernel); experts are gathered on the device (no host sync), so the step is capturable.
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
@@ -233,8 +236,11 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)
     if key not in compiled_by:
-        options = {"cpp_wrapper": True} if weight.device.type == "cpu" else {}
-        compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, options=options)
+        if weight.device.type == "cuda":
+            compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, mode="reduce-overhead")
+        else:
+            options = {"cpp_wrapper": True} if weight.device.type == "cpu" else {}
+            compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, options=options)
     compiled = compiled_by[key]
 
     def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

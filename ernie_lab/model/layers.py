@@ -227,7 +227,8 @@ class Attention(nn.Module):
         b, _, h, dh = q.shape
         kvh = k.shape[1]
         k, v = _merge_batch_heads(k), _merge_batch_heads(v)  # [b*kv_head kv_pos d_head]
-        scores = torch.bmm(q.view(b * kvh, h // kvh, dh), k.transpose(1, 2))
+        q = q.view(b * kvh, h // kvh, dh) if q.is_contiguous() else q.reshape(b * kvh, h // kvh, dh)
+        scores = torch.bmm(q, k.transpose(1, 2))
         return torch.bmm(scores.mul_(self._scale).softmax(-1), v).view(b, 1, h, dh)
 
     def _explicit(self, q, k, v, mask) -> torch.Tensor:
