@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped, with the reason, where CUDA is not available."""
     if torch.cuda.is_available():
