@@ -77,13 +77,12 @@ def _sorted_slots(idx: torch.Tensor, n_expert: int):
 
 def _per_expert(fn, x_sorted: torch.Tensor, counts: list[int], d_out: int) -> torch.Tensor:
     """Apply ``fn(e, rows)`` to each expert's contiguous block of sorted rows (one matmul each)."""
-    out = x_sorted.new_empty(x_sorted.shape[0], d_out)
-    start = 0
+    parts, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            out[start : start + c] = fn(e, x_sorted[start : start + c])
+            parts.append(fn(e, x_sorted[start : start + c]))
             start += c
-    return out
+    return torch.cat(parts) if parts else x_sorted.new_empty(0, d_out)
 
 
 # up to this many (token, expert) slots an accelerator gathers expert weights instead of sorting
