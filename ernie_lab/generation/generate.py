@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.generation.cuda_graph import GraphedDecodeStep
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
 from ernie_lab.model.kv_cache import KVCache
@@ -225,22 +226,21 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     filled cache prefix grows by one each step. On the CPU the generated kernels get a C++ wrapper,
     which takes the Python interpreter out of the step (1.25x faster again on the bench config), and
     only batch 1 is compiled there: batched steps sort tokens by expert, which ran slower compiled
-    than eager (146 vs 167 tokens/s at batch 8). On CUDA the step is compiled with
-    ``mode="reduce-overhead"``: inductor replays it as a CUDA graph (one launch per step instead of
-    one per kernel); experts are gathered on the device (no host sync), so the step is capturable.
+    than eager (146 vs 167 tokens/s at batch 8). On one CUDA device the step is a CUDA graph over
+    a static KV cache (:class:`~ernie_lab.generation.cuda_graph.GraphedDecodeStep`: one replay per
+    step instead of one launch per kernel); hooks attached later make single steps eager.
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
     if not compile or on_cpu_batched or any(hp.active for hp in model.hook_dict.values()):
         return lambda ids, cache: model.forward_unchecked(ids, None, cache)
+    if weight.device.type == "cuda" and all(p.device == weight.device for p in model.parameters()):
+        return GraphedDecodeStep(model)
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)
     if key not in compiled_by:
-        if weight.device.type == "cuda":
-            compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, mode="reduce-overhead")
-        else:
-            options = {"cpp_wrapper": True} if weight.device.type == "cpu" else {}
-            compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, options=options)
+        options = {"cpp_wrapper": True} if weight.device.type == "cpu" else {}
+        compiled_by[key] = torch.compile(model.forward_unchecked, dynamic=True, options=options)
     compiled = compiled_by[key]
 
     def step(ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -137,7 +137,10 @@ class ErnieMoE(HookRegistry, nn.Module):
 
     def forward_unchecked(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """``forward`` without input validation (no host sync): for the generation loop."""
-        positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
+        if cache is not None and cache.fill is not None and input_ids.shape[1] == 1 and attention_mask is None:
+            positions, mask, pos0 = self._static_step(input_ids, cache)
+        else:
+            positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
         cos, sin = rope_tables(positions, self.config.d_head, self.config.rope_theta)
         x = self.hook_embed(self.model.embed_tokens(input_ids))
         for i, block in enumerate(self.blocks):
@@ -148,8 +151,19 @@ class ErnieMoE(HookRegistry, nn.Module):
             x = block(x, cos, sin, mask, cache.layers[i] if cache else None, pos0)
         if cache is not None:
             cache.pos += input_ids.shape[1]
+            if isinstance(pos0, torch.Tensor):
+                cache.fill += 1
         x = self.hook_normalized(self.model.norm(_to(x, self.model.norm.weight.device)))
         return self.hook_logits(self.lm_head(_to(x, self.lm_head.weight.device)))
+
+    def _static_step(self, input_ids, cache: KVCache):
+        """Positions ``[batch 1]``, mask ``[batch 1 1 capacity]`` and write index ``[1]`` of a
+        one-token step on a static cache: device tensors only, fixed shapes (CUDA-graph safe)."""
+        positions = cache.next_position.view(-1, 1).clone()
+        cache.next_position += 1
+        keys = torch.arange(cache.capacity, device=cache.fill.device)
+        visible = cache.key_mask & (keys <= cache.fill)  # filled prefix + this step, minus padding
+        return positions, visible[:, None, None, :], cache.fill
 
     def _positions_and_mask(self, input_ids, attention_mask, cache):
         """Rotary positions ``[batch pos]``, attention mask ``[batch 1 pos kv_pos]`` (None = causal)

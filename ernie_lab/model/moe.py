@@ -203,7 +203,8 @@ class MoE(nn.Module):
         """
         xs = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
         ex = self.experts
-        if x.device.type != "cpu" and idx.numel() <= GATHER_MAX_SLOTS:
+        # while a CUDA graph is captured there can be no host sync: gather whatever the slot count
+        if x.device.type != "cpu" and (idx.numel() <= GATHER_MAX_SLOTS or torch.cuda.is_current_stream_capturing()):
             out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
         if xs.shape[0] == 1:
