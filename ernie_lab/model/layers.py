@@ -41,7 +41,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
     """Swap axes 1 and 2 (``[b p h d]`` <-> ``[b h p d]``); with one position a view of the same memory."""
-    if t.shape[1] == 1 or t.shape[2] == 1:
+    if (t.shape[1] == 1 or t.shape[2] == 1) and t.is_contiguous():
         return t.view(t.shape[0], t.shape[2], t.shape[1], t.shape[3])
     return t.transpose(1, 2)
 

@@ -123,7 +123,8 @@ def _mix(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def _mix_one(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """:func:`_mix` for one token: ``out [topk d]``, ``weights [1 1 topk]`` -> ``[1 1 d]`` as ``[1 k] @ [k d]``."""
-    return torch.mm(weights.view(1, -1), out).view(1, 1, -1)
+    mix = weights.view(1, -1) if weights.is_contiguous() else weights.reshape(1, -1)
+    return torch.mm(mix, out).view(1, 1, -1)
 
 
 class MoE(nn.Module):
