@@ -18,6 +18,7 @@ outputs are fixed to the pad token and it is no longer checked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -28,6 +29,8 @@ from ernie_lab.generation.cuda_graph import GraphedDecodeStep
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
 from ernie_lab.model.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 # hook points whose activations are [batch head pos kv_pos]: pos is axis 2 and kv_pos grows per step
 _SQUARE_POINTS = {"hook_attn_scores": float("-inf"), "hook_pattern": 0.0}
@@ -74,9 +77,11 @@ def generate(
     along pos: ``[batch prompt+new-1 ...]`` (the last token is sampled, never fed back). Attention
     scores/pattern are ``[batch head pos kv_pos]``, earlier steps padded on kv_pos with what the
     causal mask gives (-inf scores, 0 pattern), so the cache lines up with ``run_with_cache`` on the
-    final sequence. ``progress=True`` shows a tqdm bar. ``compile=True`` wraps the decode step in
-    ``torch.compile`` (used only while no hook is attached; on the CPU it needs a C++ compiler and
-    applies to batch 1; the first call compiles for about a minute).
+    final sequence. ``progress=True`` shows a tqdm bar. ``compile=True`` speeds up the decode step
+    while no hook is attached (with hooks the steps stay eager, and a log line says so): on a CUDA
+    device it replays one captured CUDA graph per step over a static KV cache; on the CPU it wraps
+    the step in ``torch.compile`` (needs a C++ compiler, applies to batch 1, the first call compiles
+    for about a minute).
 
     The steps run under ``torch.inference_mode`` (no autograd, cheaper dispatch): a tensor a hook keeps
     is an inference tensor; ``.clone()`` it after the call to use it with autograd. The returned
@@ -232,7 +237,10 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
-    if not compile or on_cpu_batched or any(hp.active for hp in model.hook_dict.values()):
+    hooked = any(hp.active for hp in model.hook_dict.values())
+    if compile and hooked:
+        logger.info("compile=True: hooks are attached, so decode steps run eagerly (hooks see every step)")
+    if not compile or on_cpu_batched or hooked:
         return lambda ids, cache: model.forward_unchecked(ids, None, cache)
     if weight.device.type == "cuda" and all(p.device == weight.device for p in model.parameters()):
         return GraphedDecodeStep(model)
