@@ -9,8 +9,9 @@ never saved, copied or pickled). The view shares the weight's storage, so in-pla
 :func:`forget` drops the old one at once (``ErnieMoE._apply`` calls it, so moving or casting a model
 never keeps the old storage alive). The memory cost is zero: views, never fused copies.
 
-With grad enabled and a weight that requires grad, or while ``torch.compile`` traces, the plain
-``weight.t()`` is used, so gradients and traced graphs see the parameter itself.
+With grad enabled and a weight that requires grad, while ``torch.compile`` traces, or for a tensor
+subclass (a DTensor shard, a quantized weight), the plain ``weight.t()`` is used, so gradients,
+traced graphs and subclass dispatch see the parameter itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ _VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _cacheable(weight: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
+    # tensor subclasses (DTensor shards, quantized weights) keep their own .t(): nothing is cached for them
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter)
+    return plain and not (torch.is_grad_enabled() and weight.requires_grad) and not torch.compiler.is_compiling()
 
 
 def _key(weight: torch.Tensor) -> tuple:
