@@ -18,11 +18,20 @@ STD = 0.4  # peaked logits: no near-tie flips a greedy token
 
 
 @pytest.fixture(scope="module")
-def cuda_pair(tmp_path_factory):
-    """(transformers model, our model) from one tiny checkpoint, both bf16 on CUDA."""
+def checkpoint(tmp_path_factory):
+    """(directory, fp32 transformers model on CUDA) of one tiny random checkpoint."""
     directory = tmp_path_factory.mktemp("gpu")
-    hf = save_hf_checkpoint(directory, std=STD)
-    return hf.to("cuda", torch.bfloat16), load_model(directory, dtype=torch.bfloat16, device="cuda")
+    return directory, save_hf_checkpoint(directory, std=STD).to("cuda")
+
+
+@pytest.fixture(scope="module")
+def cuda_pair(checkpoint):
+    """(transformers model, our model) from the checkpoint, both bf16 on CUDA."""
+    from transformers import Ernie4_5_MoeForCausalLM
+
+    directory = checkpoint[0]
+    hf = Ernie4_5_MoeForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to("cuda").eval()
+    return hf, load_model(directory, dtype=torch.bfloat16, device="cuda")
 
 
 def prompt(batch=1, pos=6, seed=0):
@@ -30,13 +39,20 @@ def prompt(batch=1, pos=6, seed=0):
     return ids.to("cuda")
 
 
-def test_bf16_logits_and_greedy_match_transformers_on_cuda(cuda_pair):
-    hf, ours = cuda_pair
-    ids = prompt(batch=2, pos=8)
+def test_bf16_on_cuda_is_as_close_to_fp32_as_transformers(checkpoint, cuda_pair):
+    """The rule of tests/model/test_parity.py on CUDA: our bf16 error against the fp32 reference is of
+    the size of transformers' own, and argmaxes agree wherever the fp32 top-2 margin is decisive."""
+    hf32, (hf, ours) = checkpoint[1], cuda_pair
+    ids = prompt(batch=4, pos=32, seed=3)
     with torch.inference_mode():
-        ref, got = hf(ids).logits.float(), ours(ids).float()
-    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95
-    torch.testing.assert_close(got, ref, atol=0.1, rtol=0.05)
+        ref = hf32(ids).logits
+        a, b = ours(ids).float(), hf(ids).logits.float()
+    err_ours, err_hf = (a - ref).abs().amax(-1), (b - ref).abs().amax(-1)
+    assert err_ours.max() <= 2 * err_hf.max() + 1e-2
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * (err_ours + err_hf)
+    assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+    assert clear.sum() >= clear.numel() // 4  # enough decisive positions for the check to mean something
 
 
 def test_gathered_expert_decode_equals_sorted_path(cuda_pair):
