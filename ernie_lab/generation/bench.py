@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.generation.generate import generate
+from ernie_lab.generation.op_count import decode_op_count, transformers_decode_op_count
 from ernie_lab.io.weights import load_model
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
@@ -135,6 +136,13 @@ def bench_decode(
     name = "decode" if batch == 1 else f"batched decode (batch {batch})"
     note = f"{n} new after {sizes.prompt_tokens}; {same:.0%} tokens agree"
     return [_row(name, batch * n / t_ours, batch * n / t_theirs, "new tokens/s", note)]
+
+
+def bench_op_count(ours, theirs) -> list[dict]:
+    """Aten operator calls per decode token (batch 1), both sides: deterministic, load-independent."""
+    n_ours, n_theirs = decode_op_count(ours), transformers_decode_op_count(theirs)
+    note = "torch.profiler aten events, 17 new tokens minus 1, / 16"
+    return [_row("operator calls per decode token", n_ours, n_theirs, "calls", note, higher_better=False)]
 
 
 def hook_point_calls(model, ids: torch.Tensor) -> int:
@@ -330,6 +338,8 @@ def run_bench(
         rows += bench_decode(ours, theirs, sizes, 1, repeats, device, compile)
         rows.append(bandwidth_row(ours, rows[-1]["ours"], device))
         rows += bench_decode(ours, theirs, sizes, sizes.batch, repeats, device, compile)
+        if device == "cpu":  # the profiler counts host-side calls; on a GPU launches are counted elsewhere
+            rows += bench_op_count(ours, theirs)
         rows += bench_hook_overhead(ours, sizes, repeats, device)
         rows += bench_full_cache(ours, sizes, repeats, device)
         del ours, theirs

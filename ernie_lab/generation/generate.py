@@ -18,6 +18,7 @@ outputs are fixed to the pad token and it is no longer checked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,9 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ernie_lab.distributed.group import broadcast_from_first
+from ernie_lab.generation.cuda_graph import GraphedDecodeStep
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
 from ernie_lab.model.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
 
 # hook points whose activations are [batch head pos kv_pos]: pos is axis 2 and kv_pos grows per step
 _SQUARE_POINTS = {"hook_attn_scores": float("-inf"), "hook_pattern": 0.0}
@@ -74,9 +78,11 @@ def generate(
     along pos: ``[batch prompt+new-1 ...]`` (the last token is sampled, never fed back). Attention
     scores/pattern are ``[batch head pos kv_pos]``, earlier steps padded on kv_pos with what the
     causal mask gives (-inf scores, 0 pattern), so the cache lines up with ``run_with_cache`` on the
-    final sequence. ``progress=True`` shows a tqdm bar. ``compile=True`` wraps the decode step in
-    ``torch.compile`` (used only while no hook is attached; on the CPU it needs a C++ compiler and
-    applies to batch 1; the first call compiles for about a minute).
+    final sequence. ``progress=True`` shows a tqdm bar. ``compile=True`` speeds up the decode step
+    while no hook is attached (with hooks the steps stay eager, and a log line says so): on a CUDA
+    device it replays one captured CUDA graph per step over a static KV cache; on the CPU it wraps
+    the step in ``torch.compile`` (needs a C++ compiler, applies to batch 1, the first call compiles
+    for about a minute).
 
     The steps run under ``torch.inference_mode`` (no autograd, cheaper dispatch): a tensor a hook keeps
     is an inference tensor; ``.clone()`` it after the call to use it with autograd. The returned
@@ -212,6 +218,7 @@ def _decode_loop(
         seen = token_presence(input_ids, model.config.vocab_size, attention_mask)
     cache = KVCache.for_model(model, batch, prompt + max_new_tokens)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    can_finish = bool(eos.numel() or stops)  # without eos ids or stop strings no row ever ends
     texts: list[list[int]] = [[] for _ in range(batch)]  # generated ids per row, for stop strings
     with model.hooks(fwd_hooks), tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress) as bar:
         step_fn = _decode_step(model, compile, batch)
@@ -224,7 +231,8 @@ def _decode_loop(
             )
             # tensor parallel: every process continues with the first one's token (sampling may differ)
             ids = broadcast_from_first(ids, getattr(model, "tp_mesh", None))
-            ids = torch.where(finished, pad, ids)
+            if can_finish:
+                ids = torch.where(finished, pad, ids)
             if seen is not None:
                 seen[torch.arange(batch, device=device), ids] = True
             if eos.numel():
@@ -233,25 +241,33 @@ def _decode_loop(
                 finished = finished | _hit_stop_strings(ids, finished, texts, tokenizer, stops)
             bar.update(1)
             yield ids
-            # the only host sync of a step: decide whether another forward is needed
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            # the only host sync of a step, and only when rows can end: is another forward needed?
+            if step + 1 == max_new_tokens or (can_finish and bool(finished.all())):
                 return
-            logits = step_fn(ids[:, None], cache)[:, -1]
+            logits = step_fn(ids.view(batch, 1), cache)[:, -1]
 
 
 def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
     """The one-token forward: ``ids [batch 1]`` -> logits ``[batch 1 vocab]``, no input validation.
 
-    ``compile`` (used only while no hook is attached) compiles it once per model dtype and device,
-    with dynamic shapes since the filled cache prefix grows by one each step. On the CPU the
-    generated kernels get a C++ wrapper, which takes the Python interpreter out of the step (1.25x
-    faster again on the bench config), and only batch 1 is compiled there: batched steps sort tokens
-    by expert, which ran slower compiled than eager (146 vs 167 tokens/s at batch 8).
+    ``compile`` (used only while no hook is attached: an active hook point forces the eager step, so
+    hooks see every step) compiles it once per model dtype and device, with dynamic shapes since the
+    filled cache prefix grows by one each step. On the CPU the generated kernels get a C++ wrapper,
+    which takes the Python interpreter out of the step (1.25x faster again on the bench config), and
+    only batch 1 is compiled there: batched steps sort tokens by expert, which ran slower compiled
+    than eager (146 vs 167 tokens/s at batch 8). On one CUDA device the step is a CUDA graph over
+    a static KV cache (:class:`~ernie_lab.generation.cuda_graph.GraphedDecodeStep`: one replay per
+    step instead of one launch per kernel); hooks attached later make single steps eager.
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
-    if not compile or on_cpu_batched or any(hp.active for hp in model.hook_dict.values()):
+    hooked = any(hp.active for hp in model.hook_dict.values())
+    if compile and hooked:
+        logger.info("compile=True: hooks are attached, so decode steps run eagerly (hooks see every step)")
+    if not compile or on_cpu_batched or hooked:
         return lambda ids, cache: model.forward_unchecked(ids, None, cache)
+    if weight.device.type == "cuda" and all(p.device == weight.device for p in model.parameters()):
+        return GraphedDecodeStep(model)
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)
     if key not in compiled_by:

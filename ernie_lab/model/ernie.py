@@ -20,9 +20,14 @@ from torch import nn
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.hook_points import HookPoint, HookRegistry
 from ernie_lab.model.kv_cache import KVCache, LayerKV
-from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_angles
+from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_tables
 from ernie_lab.model.moe import MoE
 from ernie_lab.model.offload import offload_stats
+from ernie_lab.model.weight_views import forget
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x if x.device == device else x.to(device)
 
 
 class DecoderLayer(nn.Module):
@@ -88,6 +93,11 @@ class ErnieMoE(HookRegistry, nn.Module):
         if init:
             self.init_weights()
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() replace the weights' data: drop the cached views of the old data
+        forget(self.parameters())
+        return super()._apply(fn, recurse)
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
@@ -141,8 +151,11 @@ class ErnieMoE(HookRegistry, nn.Module):
 
     def forward_unchecked(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
         """``forward`` without input validation (no host sync): for the generation loop."""
-        positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
-        cos, sin = rope_angles(positions, self.config.d_head, self.config.rope_theta)
+        if cache is not None and cache.fill is not None and input_ids.shape[1] == 1 and attention_mask is None:
+            positions, mask, pos0 = self._static_step(input_ids, cache)
+        else:
+            positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
+        cos, sin = rope_tables(positions, self.config.d_head, self.config.rope_theta)
         x = self.hook_embed(self.model.embed_tokens(input_ids))
         for i, block in enumerate(self.blocks):
             device = block.input_layernorm.weight.device
@@ -152,8 +165,19 @@ class ErnieMoE(HookRegistry, nn.Module):
             x = block(x, cos, sin, mask, cache.layers[i] if cache else None, pos0)
         if cache is not None:
             cache.pos += input_ids.shape[1]
-        x = self.hook_normalized(self.model.norm(x.to(self.model.norm.weight.device)))
-        return self.hook_logits(self.lm_head(x.to(self.lm_head.weight.device)))
+            if isinstance(pos0, torch.Tensor):
+                cache.fill += 1
+        x = self.hook_normalized(self.model.norm(_to(x, self.model.norm.weight.device)))
+        return self.hook_logits(self.lm_head(_to(x, self.lm_head.weight.device)))
+
+    def _static_step(self, input_ids, cache: KVCache):
+        """Positions ``[batch 1]``, mask ``[batch 1 1 capacity]`` and write index ``[1]`` of a
+        one-token step on a static cache: device tensors only, fixed shapes (CUDA-graph safe)."""
+        positions = cache.next_position.view(-1, 1).clone()
+        cache.next_position += 1
+        keys = torch.arange(cache.capacity, device=cache.fill.device)
+        visible = cache.key_mask & (keys <= cache.fill)  # filled prefix + this step, minus padding
+        return positions, visible[:, None, None, :], cache.fill
 
     def _positions_and_mask(self, input_ids, attention_mask, cache):
         """Rotary positions ``[batch pos]``, attention mask ``[batch 1 pos kv_pos]`` (None = causal)
@@ -163,8 +187,11 @@ class ErnieMoE(HookRegistry, nn.Module):
         pos0 = cache.pos if cache is not None else 0
         if attention_mask is None:
             real = None
-            offsets = cache.next_position[:, None] if cache is not None else 0
-            positions = torch.arange(t, device=device).expand(b, t) + offsets
+            if cache is not None and t == 1:  # a decode step: each row's next position (a copy: it moves on below)
+                positions = cache.next_position.view(b, 1).clone()
+            else:
+                offsets = cache.next_position[:, None] if cache is not None else 0
+                positions = torch.arange(t, device=device).expand(b, t) + offsets
         else:
             real = attention_mask.to(device=device, dtype=torch.bool)
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)

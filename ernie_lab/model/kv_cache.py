@@ -22,8 +22,16 @@ class LayerKV:
         self.k = k
         self.v = v
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` ``[batch kv_head new d_head]`` at ``pos``; return the filled prefix."""
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``[batch kv_head new d_head]`` at ``pos``; return the filled prefix.
+
+        A ``pos`` tensor (``[1]`` long, on the cache's device: a static cache's ``fill``) writes one
+        position there and returns the whole buffers (fixed shapes; the caller masks the unfilled
+        positions)."""
+        if isinstance(pos, torch.Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: writing up to position {end}, capacity {self.k.shape[2]}")
@@ -41,6 +49,7 @@ class KVCache:
         self.pos = 0  # filled positions (same for every row; padding keeps rows aligned)
         self.padded = False  # any padding among the cached keys (set when a mask is written)
         self.next_position = torch.zeros(key_mask.shape[0], dtype=torch.long, device=key_mask.device)
+        self.fill: torch.Tensor | None = None  # [1] device copy of pos once static (make_static)
 
     @classmethod
     def allocate(
@@ -88,6 +97,15 @@ class KVCache:
         embed = model.model.embed_tokens.weight
         kv_heads = model.blocks[0].self_attn.k_proj.out_features // model.config.d_head
         return cls.allocate(model.config, batch, max_pos, embed.dtype, devices, home=embed.device, kv_heads=kv_heads)
+
+    def make_static(self) -> None:
+        """Fixed-shape decode steps from now on (what a CUDA graph needs): each one-token step writes
+        at the device counter ``fill`` and attends over the whole buffer with the unfilled positions
+        masked, so no shape or Python number changes from step to step (``pos`` still counts on the
+        host). Every layer must live on the bookkeeping's device."""
+        if any(lkv.k.device != self.key_mask.device for lkv in self.layers):
+            raise ValueError("a static KV cache needs every layer on one device")
+        self.fill = torch.tensor([self.pos], dtype=torch.long, device=self.key_mask.device)
 
     @property
     def capacity(self) -> int:

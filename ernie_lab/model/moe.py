@@ -16,6 +16,7 @@ from torch import nn
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.hook_points import HookPoint
 from ernie_lab.model.layers import SwiGLU, linear
+from ernie_lab.model.weight_views import expert_halves, expert_transposed
 
 
 class _Fp32Module(nn.Module):
@@ -64,12 +65,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
 
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]``."""
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]`` -> ``[n d_expert]``."""
+        gate, up = expert_halves(self.gate_up_proj, e)
+        return F.silu(torch.mm(x, gate)) * torch.mm(x, up)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.down_proj[e])
+        """``down(h)`` of expert ``e`` on ``h [n d_expert]`` -> ``[n d_model]``."""
+        return torch.mm(h, expert_transposed(self.down_proj, e))
 
     def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights of the experts ``idx``: ``gate_up [*idx 2*d_expert d_model]``, ``down [*idx d_model d_expert]``."""
@@ -86,13 +88,12 @@ def _sorted_slots(idx: torch.Tensor, n_expert: int):
 
 def _per_expert(fn, x_sorted: torch.Tensor, counts: list[int], d_out: int) -> torch.Tensor:
     """Apply ``fn(e, rows)`` to each expert's contiguous block of sorted rows (one matmul each)."""
-    out = x_sorted.new_empty(x_sorted.shape[0], d_out)
-    start = 0
+    parts, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            out[start : start + c] = fn(e, x_sorted[start : start + c])
+            parts.append(fn(e, x_sorted[start : start + c]))
             start += c
-    return out
+    return torch.cat(parts) if parts else x_sorted.new_empty(0, d_out)
 
 
 # up to this many (token, expert) slots an accelerator gathers expert weights instead of sorting
@@ -120,11 +121,22 @@ def _unsort(t_sorted: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> t
 def _mix(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the selected experts' outputs ``[b p k d]`` -> ``[b p d]``.
 
-    One batched matmul, shared by both paths so they agree bit for bit; a scatter-add (index_add_)
-    would be simpler but runs as a multi-threaded region even for a handful of rows, which costs
-    milliseconds per call on a busy CPU.
+    One batched matmul ``[n 1 k] @ [n k d]``, shared by both paths so they agree bit for bit; a
+    scatter-add (index_add_) would be simpler but runs as a multi-threaded region even for a handful
+    of rows, which costs milliseconds per call on a busy CPU.
     """
-    return einsum(out, weights, "b p k d, b p k -> b p d")
+    b, p, k, d = out.shape
+    if b * p == 1 and out.is_contiguous():
+        return _mix_one(out.view(k, d), weights)
+    rows = out.view(b * p, k, d) if out.is_contiguous() else out.reshape(b * p, k, d)
+    mix = weights.view(b * p, 1, k) if weights.is_contiguous() else weights.reshape(b * p, 1, k)
+    return torch.bmm(mix, rows).view(b, p, d)
+
+
+def _mix_one(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` for one token: ``out [topk d]``, ``weights [1 1 topk]`` -> ``[1 1 d]`` as ``[1 k] @ [k d]``."""
+    mix = weights.view(1, -1) if weights.is_contiguous() else weights.reshape(1, -1)
+    return torch.mm(mix, out).view(1, 1, -1)
 
 
 class MoE(nn.Module):
@@ -163,10 +175,10 @@ class MoE(nn.Module):
         probs changes the selection, and editing the indices re-gathers the weights.
         """
         # fp32 logits whatever the model dtype (transformers disables autocast here too)
-        logits = self.hook_router_logits(F.linear(x.float(), self.gate.weight.float()))
+        logits = self.hook_router_logits(linear(x if x.dtype == torch.float32 else x.float(), self.gate.weight))
         probs = self.hook_router_probs(logits.softmax(dim=-1))
         # select on bias-corrected scores (aux-loss-free balancing), ...
-        scores = probs + self.moe_statics.e_score_correction_bias.squeeze(0)
+        scores = probs + self.moe_statics.e_score_correction_bias  # [1 expert] broadcasts
         idx = self.hook_topk_idx(scores.topk(self.k, dim=-1).indices)
         if self.hook_topk_idx.active:  # a hook may have re-routed: only then check (a host sync)
             self._check_expert_ids(idx)
@@ -185,7 +197,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
-        weights = weights.to(x.dtype)
+        weights = weights if weights.dtype == x.dtype else weights.to(x.dtype)
         if self.hook_expert_post.active or self.hook_expert_out.active:
             routed = self._routed_explicit(x, idx, weights)
         else:
@@ -202,16 +214,20 @@ class MoE(nn.Module):
         without sorting; a few tokens on an accelerator gather the selected experts' weights, which
         needs no host sync (the sort needs per-expert counts on the host).
         """
-        xs = rearrange(x, "b p d -> (b p) d")
+        xs = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
         ex = self.experts
         # an expert-parallel part (ernie_lab.distributed) holds some experts only: no gather there
         whole = not getattr(ex, "expert_subset", False)
-        if x.device.type != "cpu" and idx.numel() <= GATHER_MAX_SLOTS and whole:
+        # while a CUDA graph is captured there can be no host sync: gather whatever the slot count
+        if (
+            x.device.type != "cpu"
+            and whole
+            and (idx.numel() <= GATHER_MAX_SLOTS or torch.cuda.is_current_stream_capturing())
+        ):
             out = _gathered_experts(ex, xs, rearrange(idx, "b p k -> (b p) k"))
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
         if xs.shape[0] == 1:
-            out = torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.flatten().tolist()])
-            return _mix(rearrange(out, "(b p k) d -> b p k d", b=1, p=1), weights)
+            return _mix_one(torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.tolist()[0][0]]), weights)
         order, token, counts = _sorted_slots(idx, self.n_expert)
         rows = xs.index_select(0, token)
         out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, counts, x.shape[-1])

@@ -18,6 +18,7 @@ FIGURES = [
     "decode",
     "decode / bandwidth limit",
     "batched decode (batch 2)",
+    "operator calls per decode token",
     "hook overhead (decode step)",
     "hook overhead (prefill)",
     "full cache time",
@@ -25,7 +26,14 @@ FIGURES = [
     "load time",
     "load peak memory",
 ]
-COMPARED = {"prefill", "decode", "batched decode (batch 2)", "load time", "load peak memory"}
+COMPARED = {
+    "prefill",
+    "decode",
+    "batched decode (batch 2)",
+    "operator calls per decode token",
+    "load time",
+    "load peak memory",
+}
 
 
 def test_quick_bench_command_prints_every_figure(tmp_path, capsys):

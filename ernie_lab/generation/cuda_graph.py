@@ -1,0 +1,64 @@
+"""Decode steps replayed from one captured CUDA graph (``generate(..., compile=True)`` on CUDA).
+
+At batch 1 a decode step of a MoE model is hundreds of small kernels; launching them one by one from
+Python costs more than running them. The step is captured once with ``torch.cuda.CUDAGraph`` over a
+static KV cache (:meth:`KVCache.make_static`: fixed shapes, the write position and rotary positions
+as device tensors, routed experts gathered on the device, so nothing syncs with the host) and each
+later step is one ``replay()``.
+
+Hooks: a step runs eagerly (through the same static cache) whenever any hook point is active, so
+hooks attached between two steps of a ``stream`` fire as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ernie_lab.model.kv_cache import KVCache
+
+
+class GraphedDecodeStep:
+    """``step(ids [batch 1], cache) -> logits [batch 1 vocab]``: replays a CUDA graph of the model's
+    one-token forward. Captured at the first call (after the prefill filled ``cache``), for one
+    cache: a new generation makes a new step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.ids: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if cache.fill is None:
+            cache.make_static()
+        if any(hp.active for hp in self.model.hook_dict.values()):
+            return self.model.forward_unchecked(ids, None, cache)  # hooks see an eager step
+        if self.graph is None:
+            self._capture(ids, cache)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        cache.pos += 1  # host bookkeeping the graph does not run
+        return self.logits
+
+    def _capture(self, ids: torch.Tensor, cache: KVCache) -> None:
+        """Warm up on a side stream (lazy caches, allocator), then capture one step. The warm-up's
+        writes are undone: counters restored; its keys/values sit where this step writes anyway."""
+        self.ids = ids.clone()
+        saved = cache.pos, cache.next_position.clone(), cache.fill.clone()
+
+        def restore() -> None:
+            cache.pos = saved[0]
+            cache.next_position.copy_(saved[1])
+            cache.fill.copy_(saved[2])
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model.forward_unchecked(self.ids, None, cache)
+                restore()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model.forward_unchecked(self.ids, None, cache)
+        cache.pos = saved[0]  # capture ran the Python once; the device counters did not move
