@@ -194,9 +194,9 @@ class Attention(nn.Module):
         """
         b, p, d = x.shape
         x2 = _rows(x)
-        q = self.hook_q(self.q_proj(x2).view(b, p, self.n_head, self.d_head))
-        k = self.hook_k(self.k_proj(x2).view(b, p, self.n_kv_head, self.d_head))
-        v = self.hook_v(self.v_proj(x2).view(b, p, self.n_kv_head, self.d_head))
+        q = self.hook_q(self.q_proj(x2).view(b, p, -1, self.d_head))
+        k = self.hook_k(self.k_proj(x2).view(b, p, -1, self.d_head))
+        v = self.hook_v(self.v_proj(x2).view(b, p, -1, self.d_head))
         q = self.hook_rot_q(apply_rope(q, cos, sin))
         k = self.hook_rot_k(apply_rope(k, cos, sin))
         k, v = _heads_first(k), _heads_first(v)  # [b kv_head p d]
