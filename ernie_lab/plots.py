@@ -1,13 +1,20 @@
 """Shared plotting helpers: figures without pyplot, labelled heatmaps.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, never through pyplot: no global figure
-registry, nothing to close, safe under the Agg backend and in threads. In a notebook a returned
-Figure displays itself; ``fig.savefig(path)`` writes it.
+registry, nothing to close, safe under the Agg backend and in threads. Such a figure has no Jupyter
+display of its own (the inline backend registers one only once pyplot is imported), so every plot
+returns a :class:`NotebookFigure`, which renders itself as PNG (``_repr_png_``): a figure returned by
+the last line of a cell, or passed to ``display``, shows inline in JupyterLab, classic Notebook and
+nbconvert. ``fig.savefig(path)`` writes it.
+
+Colours: one convention for signed effects everywhere (patching, ablation, lifts): :data:`SIGNED_CMAP`,
+red = positive (restores / increases), blue = negative, white = the neutral value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from io import BytesIO
 
 import numpy as np
 import pandas as pd
@@ -15,10 +22,21 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+SIGNED_CMAP = "RdBu_r"  # diverging map for signed values: red > neutral > blue
+
+
+class NotebookFigure(Figure):
+    """A pyplot-free ``Figure`` that Jupyter displays inline as PNG."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
+
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None) -> tuple[Figure, Axes]:
-    """A constrained-layout Figure and its axes (an Axes, or an array of them)."""
-    fig = Figure(figsize=figsize or (6.4, 4.8), layout="constrained")
+    """A constrained-layout :class:`NotebookFigure` and its axes (an Axes, or an array of them)."""
+    fig = NotebookFigure(figsize=figsize or (6.4, 4.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=True)
     return fig, axes
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ernie_lab.plots import heatmap, new_figure, pivot
+from ernie_lab.plots import SIGNED_CMAP, heatmap, new_figure, pivot
 
 
 def plot_importance(
@@ -23,7 +23,7 @@ def plot_importance(
     if layer is None and len(layers) > 1:
         table = pivot(df, "layer", "expert", value)
         fig, ax = new_figure(figsize=(max(6.0, 0.18 * table.shape[1] + 2), max(2.5, 0.3 * len(table) + 1.5)))
-        heatmap(ax, table, cmap="RdBu_r", center=0.0, label=value)
+        heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value)
         ax.set_title(f"expert importance ({value} when ablated alone)")
         return fig
     layer = layers[0] if layer is None else layer

@@ -112,6 +112,7 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:  # assign=True wrapped each key in its own Parameter: share one again
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.generation_config = model.generation_config.updated_from(directory / "generation_config.json")
     return model.eval()
 
 

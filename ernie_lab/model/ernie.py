@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.generation_config import GenerationConfig
 from ernie_lab.model.hook_points import HookPoint, HookRegistry
 from ernie_lab.model.kv_cache import KVCache, LayerKV
 from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_angles
@@ -72,6 +73,7 @@ class ErnieMoE(HookRegistry, nn.Module):
     def __init__(self, config: ErnieConfig, *, init: bool = True):
         super().__init__()
         self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)  # load_model reads the file's
         self.model = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.use_bias)
         if config.tie_word_embeddings:
