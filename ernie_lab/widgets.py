@@ -116,7 +116,10 @@ def topk_table(table: pd.DataFrame, layer: int) -> pd.DataFrame:
     wide = sub.pivot(index=["pos", "token"], columns="slot", values=["expert", "weight", "prob"])
     wide.columns = [f"{name}_{slot + 1}" for name, slot in wide.columns]
     order = [f"{n}_{s + 1}" for s in sorted(sub["slot"].unique()) for n in ("expert", "weight", "prob")]
-    return wide[order].reset_index()
+    wide = wide[order]
+    experts = [c for c in order if c.startswith("expert_")]
+    wide[experts] = wide[experts].astype("int64")  # the pivot over mixed columns made them floats
+    return wide.reset_index()
 
 
 def routing_explorer(model, tokenizer, text: str = DEFAULT_TEXT):

@@ -89,6 +89,20 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
     )
 
 
+class BatchEncoding(dict):
+    """``{"input_ids", "attention_mask"}`` with attribute access and ``.to(device)``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device) -> BatchEncoding:
+        """The tensors moved to ``device`` (lists are left as they are)."""
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
 class ErnieTokenizer:
     """A ``tokenizers.Tokenizer`` with ERNIE's special tokens and chat template.
 
@@ -175,12 +189,20 @@ class ErnieTokenizer:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
 
     def __call__(
-        self, texts: str | list[str], padding_side: str = "left", return_tensors: str | None = "pt"
-    ) -> dict[str, Any]:
+        self,
+        texts: str | list[str],
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = False,
+    ) -> BatchEncoding:
         """Encode a batch: ``input_ids`` and ``attention_mask`` ([batch pos], 0 on padding).
 
         Left padding (the default) keeps every prompt's last token in the last column, which is
         what batched generation needs. ``return_tensors=None`` gives lists instead of LongTensors.
+        The result is a dict that also offers ``.input_ids`` and ``.to(device)``, so
+        ``model.generate(**tok([text]).to(model.device))`` works as in transformers.
+        ``add_special_tokens`` is accepted for transformers' spelling: ERNIE adds no BOS or EOS when
+        encoding, so both values give the same ids.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -200,7 +222,7 @@ class ErnieTokenizer:
         if return_tensors == "pt":
             ids = torch.tensor(ids, dtype=torch.long).reshape(len(rows), width)
             mask = torch.tensor(mask, dtype=torch.long).reshape(len(rows), width)
-        return {"input_ids": ids, "attention_mask": mask}
+        return BatchEncoding(input_ids=ids, attention_mask=mask)
 
     def convert_ids_to_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
         """Readable token strings, e.g. for plot labels.

@@ -77,6 +77,9 @@ def load_model(
     src: str | Path,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    *,
+    torch_dtype: torch.dtype | str | None = None,
+    device_map: str | torch.device | None = None,
 ) -> ErnieMoE:
     """Load ``src`` into an :class:`ErnieMoE` in eval mode.
 
@@ -86,6 +89,9 @@ def load_model(
         stored tensors'). The router weight and correction bias always stay fp32.
     device: a device (default CPU) or ``"auto"``: layers spread over the visible GPUs by free memory
         (embedding on the first, final norm and LM head after the last layer), then the CPU.
+    torch_dtype, device_map: transformers' spellings of ``dtype`` and ``device`` (``device_map="auto"``
+        is ``device="auto"``), so a model card's ``from_pretrained(name, device_map="auto",
+        torch_dtype=torch.bfloat16)`` ports by renaming the function; giving both spellings is an error.
 
     ``mtp*`` (multi-token-prediction) tensors are ignored with one log note. Any other unexpected,
     missing or wrong-shaped key raises :class:`CheckpointError` naming it; the correction bias may be
@@ -93,6 +99,8 @@ def load_model(
     embeddings a stored ``lm_head.weight`` equal to the embedding is skipped; one that differs is used
     (untied, with a warning), as transformers does.
     """
+    dtype = _alias("dtype", dtype, "torch_dtype", torch_dtype)
+    device = _alias("device", device, "device_map", device_map)
     directory = resolve_source(src, allow_patterns=HUB_PATTERNS)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face-layout checkpoint")
@@ -114,6 +122,17 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.generation_config = model.generation_config.updated_from(directory / "generation_config.json")
     return model.eval()
+
+
+def _alias(name: str, value, alias: str, alias_value):
+    """``value``, or ``alias_value`` when the transformers spelling was used instead."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name}= or its alias {alias}=, not both")
+    if isinstance(alias_value, dict):
+        raise ValueError(f'{alias} must be a device or "auto"; per-module maps are not supported')
+    return alias_value
 
 
 def _resolve_stored_head(config: ErnieConfig, files: dict[str, Path]) -> ErnieConfig:

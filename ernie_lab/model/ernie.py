@@ -93,6 +93,11 @@ class ErnieMoE(HookRegistry, nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embedding: where ``input_ids`` go (as transformers' ``model.device``)."""
+        return self.model.embed_tokens.weight.device
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random init as transformers does: N(0, initializer_range) weights, zero biases, unit norms."""
