@@ -34,8 +34,11 @@ QUICKSTART = [
     "model.config",
     "The tokenizer adds no BOS token; `convert_ids_to_tokens` gives readable pieces.",
     'ids = tok.encode("The capital of Veloria is")\ntok.convert_ids_to_tokens(ids)',
-    "## Generate\nGreedy decoding (`temperature=0.0`) of a few tokens after the prompt.",
-    "out = model.generate(torch.tensor([ids]), max_new_tokens=8, temperature=0.0)\ntok.decode(out[0, len(ids):])",
+    "## Generate\nGreedy decoding (`temperature=0.0`) after the prompt. Generation stops at the end-of-sentence "
+    "token (the ids of the checkpoint's `generation_config.json`, as in transformers; `eos_token_id=()` turns that "
+    "off), which `skip_special_tokens=True` leaves out of the text.",
+    "out = model.generate(torch.tensor([ids]), max_new_tokens=8, temperature=0.0)\n"
+    "tok.decode(out[0, len(ids):], skip_special_tokens=True)",
     "## Chat\n`el.chat` renders the ERNIE chat template, generates until the end-of-turn token and returns the reply.",
     'el.chat(model, tok, "What is the capital of Veloria?", max_new_tokens=24)',
     "## Cache activations\n`run_with_cache` returns the logits and every hook point's activation "
