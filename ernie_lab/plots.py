@@ -34,6 +34,18 @@ class NotebookFigure(Figure):
         return buffer.getvalue()
 
 
+def token_label(text: str) -> str:
+    """A token as a label that shows what it is: leading/trailing spaces as ``␣`` (a plot label or an
+    HTML cell would hide them), newlines as ``⏎``, tabs as ``⇥``; other text (Chinese included) as is."""
+    text = text.replace("\n", "⏎").replace("\t", "⇥")
+    core = text.strip(" ")
+    if not core:
+        return "␣" * len(text)
+    start = len(text) - len(text.lstrip(" "))
+    end = len(text) - len(text.rstrip(" "))
+    return "␣" * start + core + "␣" * end
+
+
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None) -> tuple[Figure, Axes]:
     """A constrained-layout :class:`NotebookFigure` and its axes (an Axes, or an array of them)."""
     fig = NotebookFigure(figsize=figsize or (6.4, 4.8), layout="constrained")

@@ -60,7 +60,7 @@ QUICKSTART = [
 ROUTING = [
     "# 02 · Routing statistics\n\nWhat the routers do on held-out documents of the six toy domains: expert load and "
     "balance, router entropy, co-activation, and which experts specialise in which domain or token. Formulas: "
-    "`ANALYSES.md`.",
+    "the README's *Definitions* section and the docstrings of `el.routing`.",
     setup("import pandas as pd"),
     "A few documents per domain; `collect_routing` records every MoE layer's router on each real token.",
     'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(8)\n'
@@ -89,7 +89,10 @@ PATCHING = [
     'vs "... of Gorvast is"). Denoising runs the corrupted prompt and restores one activation from the clean run; '
     "the normalised effect is 1 when that alone restores the clean logit difference, 0 when it does nothing.",
     setup(),
-    "A batch of recall pairs of equal token length; the metric is logit(answer) - logit(distractor) at the last token.",
+    "A batch of recall pairs with one token layout (same length, the entity changed at the same position), so "
+    "each position is averaged over pairs where it plays the same role; the metric is logit(answer) - "
+    "logit(distractor) at the last token. Position labels are the first pair's tokens (␣ = space), "
+    "`clean/corrupt` where they differ, `…` where the token varies across pairs.",
     'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=4)\n'
     "setup = el.patching.PatchingSetup(model, batch.clean, batch.corrupt, batch.metric(), tokenizer=tok, "
     "progress=False)\nsetup.m_clean, setup.m_corrupt",

@@ -253,6 +253,27 @@ def test_dataset_selection_and_pair_batches():
         pair_batch(tok, pairs.rows, task="no_such_task")
 
 
+def test_pair_batch_takes_pairs_of_one_layout_only():
+    """Two templates of equal length whose entity sits at different positions are never mixed."""
+    tok = load_tokenizer("toy")
+    row = {"task": "recall", "answer": " Corvi", "distractor": " Ulmet"}
+    rows = [
+        {**row, "clean": "The capital of Pellune is", "corrupt": "The capital of Gorvast is"},
+        {**row, "clean": "Pellune is the capital of", "corrupt": "Gorvast is the capital of"},
+        {**row, "clean": "Pellune is the capital of", "corrupt": "Gorvast is the capital of"},
+    ]
+    lengths = {len(tok.encode(r["clean"])) for r in rows} | {len(tok.encode(r["corrupt"])) for r in rows}
+    assert len(lengths) == 1, "the test needs two templates of one token length"
+    batch = pair_batch(tok, rows, n_pairs=8)
+    assert batch.rows == rows[1:]  # the layout with more pairs; the first template is left out
+    changed = (batch.clean != batch.corrupt).nonzero()[:, 1].unique().tolist()
+    assert (
+        batch.changed
+        == changed
+        == [i for i, t in enumerate(tok.encode(rows[1]["clean"])) if t != tok.encode(rows[1]["corrupt"])[i]]
+    )
+
+
 def test_cli_reports_errors_and_writes(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"analyses": {"frobnicate": {}}}))
