@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import platform
+import sys
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES
+from ernie_lab.commands import DTYPE_CHOICES, machine_load
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -41,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if importlib.util.find_spec("transformers") is None:
+        print(
+            "ernie-lab bench: error: needs transformers, the reference it is timed against; "
+            "install the extra: pip install 'ernie-lab[bench]' (or '.[bench]' in a clone)",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.real_shape:
@@ -73,8 +81,7 @@ def header(what: str) -> str:
         f"ernie-lab bench: {what}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
     )
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load, cores = machine_load()
     if load > 0.5 * cores:
         # a multi-threaded region waits for its slowest thread; with the cores shared it can wait a
         # whole scheduler slice, so timings collapse on both sides (ratios stay roughly meaningful)

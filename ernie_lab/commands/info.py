@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from ernie_lab.commands import SRC_HELP
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="show a model's config, layer map, parameter counts and memory",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("src", metavar="SRC", help=f"preset ({', '.join(PRESETS)}), 'toy', a directory or a hub id")
+    parser.add_argument("src", metavar="SRC", help=f"a preset ({', '.join(PRESETS)}) or {SRC_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 

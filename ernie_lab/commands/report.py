@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ernie_lab.commands import add_threads_option, apply_threads
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -21,15 +23,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder to write (replaced atomically)")
     parser.add_argument("--quick", action="store_true", help="apply the spec's quick overrides for a fast run")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_option(parser)
+    parser.epilog = "--threads overrides the spec's threads key; without either, see --threads' default."
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from ernie_lab.report.runner import run_report
-    from ernie_lab.report.spec import SpecError
+    from ernie_lab.report.spec import SpecError, resolve_spec
 
     try:
-        out = run_report(args.spec, args.out, quick=args.quick, progress=not args.no_progress)
+        threads = args.threads
+        if threads is None and resolve_spec(args.spec, quick=args.quick)["threads"] is None:
+            threads = apply_threads(None, "report")  # 1 on a busy machine, else None (torch's default)
+        elif threads is not None:
+            apply_threads(threads, "report")
+        out = run_report(args.spec, args.out, quick=args.quick, progress=not args.no_progress, threads=threads)
     except (SpecError, FileNotFoundError, FileExistsError) as err:
         print(f"ernie-lab report: error: {err}", file=sys.stderr)
         return 2

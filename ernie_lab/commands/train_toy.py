@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ernie_lab.commands import add_threads_option, apply_threads
 from ernie_lab.toy.train import TrainSettings
 
 
@@ -22,12 +23,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-docs", type=int, default=None, help="corpus size in documents")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation and model card")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_option(p)
     return p
 
 
 def run(args) -> int:
     from ernie_lab.toy.build import DEFAULT_N_DOCS, build_toy
 
+    apply_threads(args.threads, "train-toy")
     settings = dataclasses.replace(
         TrainSettings(),
         steps=args.steps,

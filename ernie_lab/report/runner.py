@@ -55,9 +55,15 @@ FLOAT_FORMAT = "%.8g"  # CSV floats: 8 significant digits, the same text on ever
 PNG_METADATA = {"Software": None}  # matplotlib writes its version here by default
 
 
-def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool = False, progress: bool = True) -> Path:
+def run_report(
+    spec: dict | str | Path | None,
+    out_dir: str | Path,
+    quick: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> Path:
     """Run ``spec`` (a dict, a YAML/TOML path, or None for the default spec) and write the report
-    folder ``out_dir``; returns its path.
+    folder ``out_dir``; returns its path. ``threads`` (torch CPU threads) overrides the spec's key.
 
     ``quick=True`` merges the spec's ``quick`` overrides (smaller datasets, fewer layers) for a fast
     run. An existing ``out_dir`` is replaced only when it is empty or an earlier report (it holds a
@@ -67,6 +73,10 @@ def run_report(spec: dict | str | Path | None, out_dir: str | Path, quick: bool 
 
     runners = {**ROUTING, **CAUSAL}
     resolved = resolve_spec(spec, quick=quick)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SpecError(f"threads: must be an integer >= 1, got {threads!r}")
+        resolved["threads"] = threads  # recorded in the manifest like the spec's own value
     out_dir = Path(out_dir).expanduser().resolve()
     _check_destination(out_dir)
     tokenizer = load_tokenizer(resolved["tokenizer"] or resolved["model"])
