@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from ernie_lab.io.encoding import BatchEncoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
 
@@ -87,20 +88,6 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
         chat_template=_chat_template(directory, config),
         extra_eos_ids=[generation] if isinstance(generation, int) else list(generation or []),
     )
-
-
-class BatchEncoding(dict):
-    """``{"input_ids", "attention_mask"}`` with attribute access and ``.to(device)``."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: str | torch.device) -> BatchEncoding:
-        """The tensors moved to ``device`` (lists are left as they are)."""
-        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
 
 
 class ErnieTokenizer:
@@ -199,10 +186,8 @@ class ErnieTokenizer:
 
         Left padding (the default) keeps every prompt's last token in the last column, which is
         what batched generation needs. ``return_tensors=None`` gives lists instead of LongTensors.
-        The result is a dict that also offers ``.input_ids`` and ``.to(device)``, so
-        ``model.generate(**tok([text]).to(model.device))`` works as in transformers.
-        ``add_special_tokens`` is accepted for transformers' spelling: ERNIE adds no BOS or EOS when
-        encoding, so both values give the same ids.
+        A :class:`BatchEncoding` (``model.generate(**tok([text]).to(model.device))`` works as in
+        transformers). ``add_special_tokens``: transformers' spelling; ERNIE adds no BOS/EOS either way.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")

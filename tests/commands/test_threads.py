@@ -71,7 +71,8 @@ def test_generate_threads(capsys, restore_threads):
 
 def test_bench_names_the_extra_it_needs(monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    absent = lambda name, *a: None if name == "transformers" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", absent)
     assert bench.run(cli.build_parser().parse_args(["bench", "--quick"])) == 2
     err = capsys.readouterr().err
     assert "transformers" in err and "ernie-lab[bench]" in err
