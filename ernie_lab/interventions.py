@@ -4,7 +4,7 @@ The pairs work with ``model.run_with_hooks(ids, fwd_hooks=...)``, ``with model.h
 ``model.run_with_cache(..., fwd_hooks=...)`` and ``model.generate(..., fwd_hooks=...)``; recipes in
 the top-level ``hooks/`` folder combine them (:func:`load_recipe`).
 
-Routing edits rely on how ``MoE.route`` chains its hook points (DESIGN.md §4): the selection is
+Routing edits rely on how ``MoE.route`` chains its hook points (README, "Editing semantics"): the selection is
 computed from the (possibly edited) ``hook_router_probs``; an edited ``hook_topk_idx`` makes the
 model re-gather the unbiased probs of the new experts and renormalise them *before*
 ``hook_topk_weights``; an edited ``hook_topk_weights`` is used as is. Expert primitives stash the
@@ -131,7 +131,7 @@ def add_steering_vector(name: str, vector: torch.Tensor, scale: float = 1.0, pos
 
 
 def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) -> Hooks:
-    """Replace activations by their values in ``cache`` (activation patching, ANALYSES.md).
+    """Replace activations by their values in ``cache`` (activation patching, README Definitions).
 
     ``names``: a hook name, a glob over the cache's keys (``"blocks.*.hook_resid_pre"``) or a list of
     either. ``positions``: restrict to those positions (module docstring). ``index``: an int or ints

@@ -27,7 +27,7 @@ RANK = {
     "commands": 10,
     "cli": 11,
 }
-# the one edge against the direction that DESIGN.md allows: ErnieMoE.generate/stream delegate to the
+# the one edge against the direction that the design allows: ErnieMoE.generate/stream delegate to the
 # generation wing at call time (as transformers' GenerationMixin), never at module level
 ALLOWED_BACK = {("ernie_lab.model.ernie", "ernie_lab.generation.generate")}
 

@@ -1,4 +1,4 @@
-"""``ernie-lab bench``: the speed figures of BENCH.md, ernie_lab against transformers, as a table."""
+"""``ernie-lab bench``: speed against transformers as a table (README, "How speed is measured")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Speed figures of BENCH.md: ernie_lab against transformers on one checkpoint, side by side.
+"""Speed figures (README, "How speed is measured"): ernie_lab against transformers on one checkpoint, side by side.
 
 Both models load the same ``save_pretrained`` checkpoint (random weights) in one process with the same
 dtype and thread count; every figure is a median over ``repeats`` interleaved runs (ours, theirs,
@@ -33,7 +33,7 @@ from ernie_lab.model.params import count_params
 
 @dataclass(frozen=True)
 class BenchSizes:
-    """Workload sizes: BENCH.md's by default, tiny ones for ``--quick`` smoke runs."""
+    """Workload sizes: the README's by default, tiny ones for ``--quick`` smoke runs."""
 
     prefill_tokens: int = 512
     prompt_tokens: int = 16
@@ -311,7 +311,7 @@ def run_bench(
     seed: int = 0,
     compile: bool = False,
 ) -> pd.DataFrame:
-    """Every BENCH.md figure for preset ``config`` (``quick``: the tiny preset and tiny workloads).
+    """Every bench figure for preset ``config`` (``quick``: the tiny preset and tiny workloads).
 
     ``compile=True`` runs our decode steps through ``torch.compile`` (the warm-up compiles; on the CPU
     batch 1 only, see ``generate``).

@@ -27,7 +27,7 @@ from ernie_lab.io.encoding import BatchEncoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
 
-# The ERNIE 4.5 chat format (DESIGN.md section 2), written as a jinja template that renders the
+# The ERNIE 4.5 chat format (as the hub chat_template renders it), written as a jinja template that renders the
 # same strings as the ``chat_template`` shipped in the ERNIE 4.5 hub ``tokenizer_config.json``:
 # cls, then per message: system -> "{text}\n", user -> "User: {text}\n",
 # assistant -> "Assistant: {text}" + sep; and "Assistant: " as the generation prompt.

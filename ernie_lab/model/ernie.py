@@ -1,4 +1,4 @@
-"""ErnieMoE: ERNIE 4.5 MoE causal LM with hook points (DESIGN.md §2-§4).
+"""ErnieMoE: ERNIE 4.5 MoE causal LM with hook points (README: API tour, Hook points).
 
 Axis glossary (einops strings, docstrings and hook docs use exactly these words):
     batch    sequences in a batch            pos      query positions (tokens of this call)

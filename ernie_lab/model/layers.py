@@ -24,7 +24,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     A few fp32 rows on the CPU (decode steps, an expert's few tokens) are multiplied one by one as
     ``weight @ [row; row].T``: BLAS streams the weight about twice as fast in that layout as in
-    ``x @ weight.T`` on the 2-core AMD host of BENCH.md, and a decode step is mostly weight
+    ``x @ weight.T`` on the 2-core AMD development host, and a decode step is mostly weight
     streaming. A row goes in twice because with one column BLAS takes its (slowest) matrix-vector
     kernel; rows go one by one so that a row's rounding never depends on the rows beside it
     (patching one position must leave the other positions' numbers alone).

@@ -1,4 +1,4 @@
-"""Report runners for activation patching and expert ablation (ANALYSES.md). Each runner takes the
+"""Report runners for activation patching and expert ablation (README, Definitions). Each runner takes the
 report :class:`~ernie_lab.report.context.Context`, the section's resolved options and the
 :class:`~ernie_lab.report.context.Section` to fill."""
 

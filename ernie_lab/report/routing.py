@@ -1,4 +1,4 @@
-"""Report runners for the routing statistics (ANALYSES.md, "Routing statistics") and for routing
+"""Report runners for the routing statistics (README, Definitions: "Routing statistics") and for routing
 under a hook recipe. Each runner takes the report :class:`~ernie_lab.report.context.Context`, the
 section's resolved options and the :class:`~ernie_lab.report.context.Section` to fill."""
 

@@ -1,4 +1,4 @@
-"""The ERNIE 4.5 model card's transformers examples port by renaming the function (DESIGN §7).
+"""The ERNIE 4.5 model card's transformers examples port by renaming the function (README, "Model card examples").
 
 Each test is the card's code with ``AutoTokenizer.from_pretrained`` -> ``el.load_tokenizer`` and
 ``AutoModelForCausalLM.from_pretrained`` -> ``el.load_model``, the hub id replaced by ``"toy"`` and a
