@@ -1,10 +1,14 @@
 """Reports: the default spec in quick mode writes a complete folder, reruns give the same bytes, bad
-specs fail before anything is written, recipes named in a spec load and run."""
+specs fail before anything is written, recipes named in a spec load and run, and the default report
+renders in a real browser (headless Chromium)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -286,3 +290,41 @@ def test_cli_reports_errors_and_writes(tmp_path, capsys):
     )
     assert cli.main(["report", str(good), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out" / "index.html").is_file() and "index.html" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------- browser
+def _chromium() -> str | None:
+    """Debian's chromium (``.ci/run`` installs it with playwright); None when either is missing."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None or importlib.util.find_spec("playwright") is None:
+        return None
+    return browser
+
+
+def test_default_report_renders_in_a_real_browser(reports):
+    """Headless Chromium opens the default report: every image decodes and the page raises nothing."""
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must test the report in a browser: install chromium and playwright (see .ci/run)")
+        pytest.skip("needs the chromium package and playwright (pip install -e '.[dev]')")
+    from playwright.sync_api import sync_playwright
+
+    index = reports[0] / "index.html"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])  # CI runs as root
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+            page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("requestfailed", lambda req: problems.append(f"failed to load {req.url[:80]}"))
+            page.goto(index.as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({src: e.src.slice(0, 40), ok: e.complete && e.naturalWidth > 0}))"
+            )
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == len(list((reports[0] / "figures").glob("*.png"))) > 0
+    assert [i["src"] for i in images if not i["ok"]] == [], "images that did not load"
