@@ -10,6 +10,8 @@ model re-gather the unbiased probs of the new experts and renormalise them *befo
 ``hook_topk_weights``; an edited ``hook_topk_weights`` is used as is. Expert primitives stash the
 value seen at an earlier point of the same forward call (probs, idx) and use it at a later one.
 
+Calling convention: every primitive takes the model first and checks its arguments against it.
+
 Positions. ``positions`` (ints, list or 1-D tensor) index the pos axis of each forward call;
 negative indices count from its end and indices a call lacks are skipped. ``generate`` runs the
 prompt in one call (prefill: every position) and then one call per new token (decode: pos=1). A
@@ -78,8 +80,13 @@ def _select(x: torch.Tensor, name: str, positions=None, index=None) -> torch.Ten
     return mask
 
 
+def _check_model(model, call: str) -> None:  # a named error rather than an AttributeError later
+    if not (hasattr(model, "config") and hasattr(model, "hook_dict")):
+        raise TypeError(f"{call}: the first argument must be the model (every intervention takes it first)")
+
+
 # ----------------------------------------------------------------------------- activations
-def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
+def mean_ablate(model, name: NameSpec, mean: torch.Tensor, positions=None) -> Hooks:
     """Replace the activation at ``name`` by ``mean`` (broadcast), optionally only at ``positions``.
 
     ``name``: a hook name, glob or predicate. ``mean``: the activation's shape without batch and pos
@@ -88,6 +95,8 @@ def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
     activation's dtype/device. Decode (pos=1): see the module docstring on ``positions``; a mean that
     carries a pos axis must broadcast to that call's shape, else a HookError names the point.
     """
+    _check_model(model, "mean_ablate(model, name, mean, positions=None)")
+    model.resolve_names(name)  # an unknown name fails here, with close matches
     mean = torch.as_tensor(mean)
 
     def mean_ablate_hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
@@ -107,13 +116,15 @@ def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
     return [(name, mean_ablate_hook)]
 
 
-def add_steering_vector(name: str, vector: torch.Tensor, scale: float = 1.0, positions=None) -> Hooks:
+def add_steering_vector(model, name: NameSpec, vector: torch.Tensor, scale: float = 1.0, positions=None) -> Hooks:
     """Add ``scale * vector`` (``[d_model]``) to a residual-stream-like activation ``[batch pos d_model]``.
 
     ``name``: a hook name, glob or predicate (e.g. ``"blocks.3.hook_resid_pre"``). Applied at every
     position of every call (decode included, i.e. every generated token) unless ``positions`` limits
     it (module docstring). A vector whose length differs from the activation's last axis is a HookError.
     """
+    _check_model(model, "add_steering_vector(model, name, vector, scale=1.0, positions=None)")
+    model.resolve_names(name)
     vector = torch.as_tensor(vector)
     if vector.ndim != 1:
         raise ValueError(f"vector must be 1-D [d_model], got shape {tuple(vector.shape)}")
@@ -130,7 +141,7 @@ def add_steering_vector(name: str, vector: torch.Tensor, scale: float = 1.0, pos
     return [(name, steering_hook)]
 
 
-def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) -> Hooks:
+def patch_from_cache(model, cache: ActivationCache, names, positions=None, index=None) -> Hooks:
     """Replace activations by their values in ``cache`` (activation patching, README Definitions).
 
     ``names``: a hook name, a glob over the cache's keys (``"blocks.*.hook_resid_pre"``) or a list of
@@ -142,6 +153,7 @@ def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) 
     to the activation's dtype. Decode: the cache covers a full sequence, so single-position calls
     (decode steps) are left unchanged and generation continues unpatched after the prefill.
     """
+    _check_model(model, "patch_from_cache(model, cache, names, positions=None, index=None)")
     specs = [names] if isinstance(names, str) else list(names)
     chosen: list[str] = []
     for spec in specs:
@@ -172,6 +184,7 @@ def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) 
 
 # ----------------------------------------------------------------------------- experts
 def _check_layer(model, layer: int) -> None:
+    _check_model(model, "expert interventions take (model, ...)")
     cfg = model.config
     if layer not in cfg.moe_layers:
         raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {cfg.moe_layers}")
@@ -239,6 +252,7 @@ def reroute_ablate_experts(model, experts: Mapping[int, Iterable[int]]) -> Hooks
     new set by its unbiased probs, renormalised, so each token gets its next-best experts. Raises
     ValueError when more than ``E - k`` experts of a layer are ablated. Decode: applied at every step.
     """
+    _check_model(model, "reroute_ablate_experts(model, experts)")
     cfg = model.config
     hooks: Hooks = []
     for layer, es in experts.items():
@@ -342,6 +356,7 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
     model weights the forced experts by their unbiased router probs, renormalised. Decode: applied at
     every step, to every new token.
     """
+    _check_model(model, "force_routing(model, layer, experts, weights=None)")
     k = model.config.moe_k
     forced = [int(e) for e in experts]
     if len(forced) != k:

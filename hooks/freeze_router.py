@@ -31,4 +31,4 @@ def make_hooks(model, cache=None, source_ids=None, source_mask=None, layers=None
         raise ValueError("give either cache=... or source_ids=...")
     if cache is None:
         _, cache = model.run_with_cache(source_ids, names_filter=names, attention_mask=source_mask)
-    return interventions.patch_from_cache(cache, names, positions=positions)
+    return interventions.patch_from_cache(model, cache, names, positions=positions)
