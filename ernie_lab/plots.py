@@ -23,6 +23,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 SIGNED_CMAP = "RdBu_r"  # diverging map for signed values: red > neutral > blue
+POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # the map's ends, for bars and points of signed values
 
 
 class NotebookFigure(Figure):
@@ -114,6 +115,7 @@ def line_figure(df: pd.DataFrame, x: str, panels: list[list[str]], titles: list[
             ax.plot(df[x], df[y], "o-", label=y)
         ax.set_xticks(df[x].tolist(), [str(v) for v in df[x]])
         ax.set_xlabel(x)
+        ax.set_ylabel(" / ".join(ys))
         ax.set_title(title)
         ax.legend(fontsize=8)
     return fig
@@ -123,17 +125,19 @@ def diverging_heatmap(df: pd.DataFrame, index: str, columns: str, value: str, ti
     """``index`` x ``columns`` heatmap of ``value`` on a scale centred on 0 (differences, effects)."""
     table = pivot(df, index, columns, value)
     fig, ax = new_figure(figsize=(max(6.0, 0.3 * table.shape[1] + 2), max(2.5, 0.35 * len(table) + 1.5)))
-    heatmap(ax, table, cmap="RdBu_r", center=0.0, label=value)
+    heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value)
     ax.set_title(title)
     return fig
 
 
-def bar_figure(labels: list[str], values, title: str, ylabel: str) -> Figure:
-    """Bars of ``values`` with a zero line."""
+def bar_figure(labels: list[str], values, title: str, ylabel: str, *, xlabel: str) -> Figure:
+    """Bars of signed ``values`` (red > 0, blue < 0) with a zero line."""
     fig, ax = new_figure(figsize=(max(5.0, 0.5 * len(labels) + 2), 3.8))
-    ax.bar(range(len(labels)), values, color="tab:red")
+    values = np.asarray(values, dtype=float)
+    ax.bar(range(len(labels)), values, color=np.where(values >= 0, POSITIVE, NEGATIVE))
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig

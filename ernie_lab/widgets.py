@@ -182,7 +182,7 @@ def patching_figure(df: pd.DataFrame, value: str = "effect", hook: str | None = 
     if "expert" in df:
         return diverging_heatmap(df, "layer", "expert", value, f"{value} per layer and expert")
     grouped = df.groupby("layer", sort=True)[value].mean()
-    return bar_figure([f"L{L}" for L in grouped.index], grouped.to_numpy(), value, value)
+    return bar_figure([f"L{L}" for L in grouped.index], grouped.to_numpy(), value, value, xlabel="layer")
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:

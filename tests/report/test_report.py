@@ -11,25 +11,38 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from markupsafe import escape
+from matplotlib.figure import Figure
 
 from ernie_lab import cli
 from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.report.causal import RUNNERS as CAUSAL
+from ernie_lab.report.context import Section
 from ernie_lab.report.data import pair_batch, resolve_dataset
 from ernie_lab.report.routing import RUNNERS as ROUTING
 from ernie_lab.report.runner import run_report
 from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
 
+FIGURES: list[tuple[str, str, Figure]] = []  # (section, name, figure) of the first default report
+
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> tuple[Path, Path]:
-    """The default spec in quick mode, run twice into two folders."""
+    """The default spec in quick mode, run twice into two folders (the first run's figures kept)."""
     root = tmp_path_factory.mktemp("reports")
-    first = run_report(None, root / "a", quick=True, progress=False)
+    add_figure = Section.figure
+
+    def recording(section, name, fig, caption=""):
+        FIGURES.append((section.id, name, fig))
+        add_figure(section, name, fig, caption)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Section, "figure", recording)
+        first = run_report(None, root / "a", quick=True, progress=False)
     second = run_report(None, root / "b", quick=True, progress=False)
     return first, second
 
@@ -290,6 +303,32 @@ def test_cli_reports_errors_and_writes(tmp_path, capsys):
     )
     assert cli.main(["report", str(good), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out" / "index.html").is_file() and "index.html" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------- legibility
+def test_every_axis_is_labelled(reports):
+    assert FIGURES
+    unlabelled = []
+    for sid, name, fig in FIGURES:
+        for ax in fig.axes:
+            twin = any(other is not ax and ax.get_shared_x_axes().joined(ax, other) for other in fig.axes)
+            needs = ("y",) if ax.get_label() == "<colorbar>" or twin else ("x", "y")
+            if any(not getattr(ax, f"get_{a}label")() for a in needs):
+                unlabelled.append(f"{sid}/{name}: {ax.get_title()!r}")
+    assert unlabelled == []
+
+
+def test_every_table_column_is_explained_and_tokens_show_spaces(reports):
+    page = (reports[0] / "index.html").read_text(encoding="utf-8")
+    assert "not described" not in page
+    for csv in (reports[0] / "tables").glob("*.csv"):
+        for column in pd.read_csv(csv, nrows=1).columns:
+            assert f"<code>{column}</code>" in page, f"{csv.name}: column {column} is not explained"
+    tokens = pd.read_csv(reports[0] / "tables" / "vocab_specialisation_top_tokens.csv", keep_default_na=False)["token"]
+    spaced = next(t for t in tokens if t.startswith(" ") and t.strip())
+    assert f"<td>␣{spaced.strip()}</td>" in page  # HTML would collapse the space
+    assert any("\u4e00" <= ch <= "\u9fff" for t in tokens for ch in t)  # Chinese shown as characters
+    assert not any("\\x" in t for t in tokens), "byte escapes in token labels"
 
 
 # --------------------------------------------------------------------------------------- browser
