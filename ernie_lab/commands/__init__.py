@@ -12,14 +12,15 @@ DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # --dtype values; ernie_lab.
 SRC_HELP = SRC_FORMS  # what SRC may be, in --help and in error messages alike
 
 
-def add_threads_option(parser: argparse.ArgumentParser) -> None:
+def add_threads_option(parser: argparse.ArgumentParser, overrides: str = "") -> None:
     """``--threads N`` for a command that computes (see :func:`apply_threads`)."""
+    also = f"; overrides {overrides}" if overrides else ""
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
         metavar="N",
-        help="torch CPU threads (default: torch's, or 1 when other processes keep the cores busy)",
+        help=f"torch CPU threads (default: torch's, or 1 when other processes keep the cores busy){also}",
     )
 
 

@@ -23,8 +23,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder to write (replaced atomically)")
     parser.add_argument("--quick", action="store_true", help="apply the spec's quick overrides for a fast run")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_threads_option(parser)
-    parser.epilog = "--threads overrides the spec's threads key; without either, see --threads' default."
+    add_threads_option(parser, overrides="the spec's threads key")
     return parser
 
 

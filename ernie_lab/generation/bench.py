@@ -120,7 +120,7 @@ def bench_decode(
     out: dict[str, torch.Tensor] = {}
 
     def run_ours():
-        out["ours"] = generate(ours, ids, max_new_tokens=n, compile=compile)
+        out["ours"] = generate(ours, ids, max_new_tokens=n, compile=compile, eos_token_id=())  # exactly n tokens
 
     def run_theirs():
         with torch.inference_mode():
@@ -367,7 +367,7 @@ def run_real_shape(
     rows.append(_row("prefill", sizes.prefill_tokens / t, None, "tokens/s", f"{sizes.prefill_tokens} tokens"))
     for batch in (1, sizes.batch):
         prompt = torch.randint(0, cfg.vocab_size, (batch, sizes.prompt_tokens), device=device)
-        run = lambda p=prompt: generate(model, p, max_new_tokens=sizes.new_tokens, compile=compile)
+        run = lambda p=prompt: generate(model, p, max_new_tokens=sizes.new_tokens, compile=compile, eos_token_id=())
         (t,) = interleaved_medians([run], repeats, device)
         name = "decode" if batch == 1 else f"batched decode (batch {batch})"
         rows.append(_row(name, batch * sizes.new_tokens / t, None, "new tokens/s", f"{preset}, {dtype}"))

@@ -71,7 +71,7 @@ def test_greedy_matches_transformers(pairs, name):
             min_new_tokens=new,
             pad_token_id=0,
         )
-    got = generate(ours, ids, max_new_tokens=new)
+    got = generate(ours, ids, max_new_tokens=new, eos_token_id=())  # as min_new_tokens: never stop early
     assert got.shape == (2, 6 + new)
     assert torch.equal(got, ref)
 
