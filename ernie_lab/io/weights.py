@@ -10,6 +10,7 @@ device planning in :mod:`ernie_lab.model.placement`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -261,7 +262,8 @@ def save_model(
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint that transformers and :func:`load_model` read.
 
-    Writes ``config.json`` (``model.config.to_hf_dict()`` with ``dtype`` set to what is stored) and
+    Writes ``config.json`` (``model.config.to_hf_dict()`` with ``dtype`` set to what is stored),
+    ``generation_config.json`` (``model.generation_config``) and
     safetensors in the hub key layout (per-expert keys; no ``lm_head.weight`` when tied), split into
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` when ``max_shard_size``
     (bytes, or ``"500MB"``/``"2GiB"``) needs more than one file. ``dtype`` defaults to the model's;
@@ -292,6 +294,8 @@ def save_model(
             config.pop(stale, None)
         config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = dataclasses.asdict(model.generation_config)  # the eos ids generate stops at
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         limit = parse_size(max_shard_size) if max_shard_size is not None else None
         with tqdm(total=len(tensors), desc="saving", unit="tensor", disable=None, leave=False) as bar:
             write_checkpoint(tensors, materialise, tmp, limit, progress=bar)

@@ -14,7 +14,7 @@ from conftest import save_hf_checkpoint
 
 from ernie_lab.cli import main
 from ernie_lab.generation.generate import chat, generate, stream
-from ernie_lab.io.weights import load_model
+from ernie_lab.io.weights import load_model, save_model
 from ernie_lab.model.kv_cache import KVCache
 
 VOCAB = 128  # conftest.TINY_HF
@@ -378,8 +378,9 @@ def test_eos_defaults_to_generation_config_and_empty_disables(model):
         model.generation_config = saved
 
 
-def test_load_model_reads_generation_config():
+def test_load_model_reads_generation_config(tmp_path):
     toy = load_model("toy")
+    assert load_model(save_model(toy, tmp_path / "copy")).generation_config == toy.generation_config
     stored = json.loads((Path(__file__).parents[2] / "data/toy/generation_config.json").read_text())
     assert toy.generation_config.eos_token_ids == stored["eos_token_id"] != toy.config.eos_token_id
     assert toy.generation_config.pad_token_id == stored["pad_token_id"]
