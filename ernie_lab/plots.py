@@ -47,6 +47,38 @@ def token_label(text: str) -> str:
     return "␣" * start + core + "␣" * end
 
 
+def sequence_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text of each token of a sequence ``ids`` ``[pos]``, with characters split over several
+    tokens decoded properly: byte-level BPE splits a rare Chinese character into pieces that are no
+    text alone, so a piece that completes no character is labelled ``(学)`` after the character the
+    following tokens complete, and the token completing it shows it (``学``). Tokenizers without
+    ``convert_ids_to_tokens`` are decoded token by token."""
+    ids = [int(i) for i in ids]
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [tokenizer.decode([i]) for i in ids]
+    pieces = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    if not any("\\x" in p for p in pieces):  # every token is whole text: nothing to reassemble
+        return pieces
+    labels: list[str] = []
+    done, pending = "", []
+    for pos, piece in enumerate(pieces):
+        text = tokenizer.decode(ids[: pos + 1]).rstrip("\ufffd")  # decoded so far, whole characters only
+        new = text[len(done) :] if text.startswith(done) else piece
+        done = text
+        if "\\x" not in piece:
+            labels.append(piece)
+        elif not new:  # a piece of a character the next tokens complete
+            pending.append(pos)
+            labels.append(piece)
+        else:
+            labels.append(new)
+        if new:
+            for waiting in pending:
+                labels[waiting] = f"({new[0]})"
+            pending = []
+    return labels
+
+
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None) -> tuple[Figure, Axes]:
     """A constrained-layout :class:`NotebookFigure` and its axes (an Axes, or an array of them)."""
     fig = NotebookFigure(figsize=figsize or (6.4, 4.8), layout="constrained")

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from ernie_lab import ablation as ab
 from ernie_lab.interventions import expert_mean_outputs
 from ernie_lab.patching.plots import plot_head_grid, plot_patching_heatmap
-from ernie_lab.plots import bar_figure, diverging_heatmap
+from ernie_lab.plots import bar_figure, diverging_heatmap, sequence_tokens
 from ernie_lab.routing import collect_routing, routing_agreement
 from ernie_lab.routing.stats import load_difference
 
@@ -47,7 +47,7 @@ def routing_table(model, tokenizer, text: str) -> pd.DataFrame:
     """
 
     r = collect_routing(model, [text], tokenizer, progress=False)
-    tokens = _tokens(tokenizer, r.token_ids.tolist())
+    tokens = sequence_tokens(tokenizer, r.token_ids.tolist())  # characters split over tokens shown whole
     rows = []
     for li, L in enumerate(r.layers):
         weights, order = r.weights[li].sort(dim=-1, descending=True, stable=True)
@@ -67,12 +67,6 @@ def routing_table(model, tokenizer, text: str) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def _tokens(tokenizer, ids: list[int]) -> list[str]:
-    if hasattr(tokenizer, "convert_ids_to_tokens"):
-        return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def expert_colour(expert: int, n_experts: int) -> str:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ernie_lab.patching.metrics import Metric, reduce_metric
-from ernie_lab.plots import token_label
+from ernie_lab.plots import sequence_tokens, token_label
 
 Hooks = list[tuple[str, Callable]]
 RESIDUAL_HOOKS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -132,11 +132,7 @@ class PatchingRuns:
         return [f"{label}…" if v else label for label, v in zip(labels, varies, strict=True)]
 
     def _tokens(self, ids: torch.Tensor) -> list[str]:
-        if hasattr(self.tokenizer, "convert_ids_to_tokens"):
-            texts = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-        else:
-            texts = [self.tokenizer.decode([i]) for i in ids.tolist()]
-        return [token_label(t) for t in texts]
+        return [token_label(t) for t in sequence_tokens(self.tokenizer, ids.tolist())]
 
     def _layers(self, layers, moe_only: bool = False) -> list[int]:
         cfg = self.model.config
