@@ -18,7 +18,7 @@ COLUMNS = {
     "group": "token group (the document's domain; 'all' = every token)",
     "hook": "hook point patched (blocks.L.hook_<hook>)",
     "pos": "token position in the prompt",
-    "token": "token at that position (␣ = a space; clean/corrupt where they differ; … = varies across pairs)",
+    "token": "the token (␣ = a space; patching: clean/corrupt where they differ, … = varies across pairs)",
     "head": "attention head",
     "batch": "prompt (row of the batch)",
     "component": "model part the contribution comes from",
