@@ -4,11 +4,13 @@ The pairs work with ``model.run_with_hooks(ids, fwd_hooks=...)``, ``with model.h
 ``model.run_with_cache(..., fwd_hooks=...)`` and ``model.generate(..., fwd_hooks=...)``; recipes in
 the top-level ``hooks/`` folder combine them (:func:`load_recipe`).
 
-Routing edits rely on how ``MoE.route`` chains its hook points (DESIGN.md §4): the selection is
+Routing edits rely on how ``MoE.route`` chains its hook points (README, "Editing semantics"): the selection is
 computed from the (possibly edited) ``hook_router_probs``; an edited ``hook_topk_idx`` makes the
 model re-gather the unbiased probs of the new experts and renormalise them *before*
 ``hook_topk_weights``; an edited ``hook_topk_weights`` is used as is. Expert primitives stash the
 value seen at an earlier point of the same forward call (probs, idx) and use it at a later one.
+
+Calling convention: every primitive takes the model first and checks its arguments against it.
 
 Positions. ``positions`` (ints, list or 1-D tensor) index the pos axis of each forward call;
 negative indices count from its end and indices a call lacks are skipped. ``generate`` runs the
@@ -22,16 +24,13 @@ every generated one.
 from __future__ import annotations
 
 import fnmatch
-import importlib.resources
-import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from ernie_lab.model.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
+from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe, recipe_dir  # noqa: F401 (public here too)
 from ernie_lab.steering import steer_experts as steer_experts  # public as el.interventions.steer_experts
 
 Hooks = list[tuple[NameSpec, HookFn]]
@@ -80,8 +79,13 @@ def _select(x: torch.Tensor, name: str, positions=None, index=None) -> torch.Ten
     return mask
 
 
+def _check_model(model, call: str) -> None:  # a named error rather than an AttributeError later
+    if not (hasattr(model, "config") and hasattr(model, "hook_dict")):
+        raise TypeError(f"{call}: the first argument must be the model (every intervention takes it first)")
+
+
 # ----------------------------------------------------------------------------- activations
-def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
+def mean_ablate(model, name: NameSpec, mean: torch.Tensor, positions=None) -> Hooks:
     """Replace the activation at ``name`` by ``mean`` (broadcast), optionally only at ``positions``.
 
     ``name``: a hook name, glob or predicate. ``mean``: the activation's shape without batch and pos
@@ -90,6 +94,8 @@ def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
     activation's dtype/device. Decode (pos=1): see the module docstring on ``positions``; a mean that
     carries a pos axis must broadcast to that call's shape, else a HookError names the point.
     """
+    _check_model(model, "mean_ablate(model, name, mean, positions=None)")
+    model.resolve_names(name)  # an unknown name fails here, with close matches
     mean = torch.as_tensor(mean)
 
     def mean_ablate_hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
@@ -109,13 +115,15 @@ def mean_ablate(name: str, mean: torch.Tensor, positions=None) -> Hooks:
     return [(name, mean_ablate_hook)]
 
 
-def add_steering_vector(name: str, vector: torch.Tensor, scale: float = 1.0, positions=None) -> Hooks:
+def add_steering_vector(model, name: NameSpec, vector: torch.Tensor, scale: float = 1.0, positions=None) -> Hooks:
     """Add ``scale * vector`` (``[d_model]``) to a residual-stream-like activation ``[batch pos d_model]``.
 
     ``name``: a hook name, glob or predicate (e.g. ``"blocks.3.hook_resid_pre"``). Applied at every
     position of every call (decode included, i.e. every generated token) unless ``positions`` limits
     it (module docstring). A vector whose length differs from the activation's last axis is a HookError.
     """
+    _check_model(model, "add_steering_vector(model, name, vector, scale=1.0, positions=None)")
+    model.resolve_names(name)
     vector = torch.as_tensor(vector)
     if vector.ndim != 1:
         raise ValueError(f"vector must be 1-D [d_model], got shape {tuple(vector.shape)}")
@@ -132,8 +140,8 @@ def add_steering_vector(name: str, vector: torch.Tensor, scale: float = 1.0, pos
     return [(name, steering_hook)]
 
 
-def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) -> Hooks:
-    """Replace activations by their values in ``cache`` (activation patching, ANALYSES.md).
+def patch_from_cache(model, cache: ActivationCache, names, positions=None, index=None) -> Hooks:
+    """Replace activations by their values in ``cache`` (activation patching, README Definitions).
 
     ``names``: a hook name, a glob over the cache's keys (``"blocks.*.hook_resid_pre"``) or a list of
     either. ``positions``: restrict to those positions (module docstring). ``index``: an int or ints
@@ -144,6 +152,7 @@ def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) 
     to the activation's dtype. Decode: the cache covers a full sequence, so single-position calls
     (decode steps) are left unchanged and generation continues unpatched after the prefill.
     """
+    _check_model(model, "patch_from_cache(model, cache, names, positions=None, index=None)")
     specs = [names] if isinstance(names, str) else list(names)
     chosen: list[str] = []
     for spec in specs:
@@ -174,6 +183,7 @@ def patch_from_cache(cache: ActivationCache, names, positions=None, index=None) 
 
 # ----------------------------------------------------------------------------- experts
 def _check_layer(model, layer: int) -> None:
+    _check_model(model, "expert interventions take (model, ...)")
     cfg = model.config
     if layer not in cfg.moe_layers:
         raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {cfg.moe_layers}")
@@ -244,6 +254,7 @@ def reroute_ablate_experts(model, experts: Mapping[int, Iterable[int]]) -> Hooks
     new set by its unbiased probs, renormalised, so each token gets its next-best experts. Raises
     ValueError when more than ``E - k`` experts of a layer are ablated. Decode: applied at every step.
     """
+    _check_model(model, "reroute_ablate_experts(model, experts)")
     cfg = model.config
     hooks: Hooks = []
     for layer, es in experts.items():
@@ -347,6 +358,7 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
     model weights the forced experts by their unbiased router probs, renormalised. Decode: applied at
     every step, to every new token.
     """
+    _check_model(model, "force_routing(model, layer, experts, weights=None)")
     k = model.config.moe_k
     forced = [int(e) for e in experts]
     if len(forced) != k:
@@ -368,49 +380,3 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
 
         hooks.append((_moe_name(layer, "topk_weights"), forced_weights))
     return hooks
-
-
-# ----------------------------------------------------------------------------- recipes
-def recipe_dir() -> Path:
-    """The folder of the recipes: ``hooks/`` in a source checkout, ``ernie_lab/_hooks`` when installed."""
-    checkout = Path(__file__).resolve().parents[1] / "hooks"
-    if (checkout / "__init__.py").exists():
-        return checkout
-    return Path(str(importlib.resources.files("ernie_lab._hooks")))
-
-
-def list_recipes() -> list[str]:
-    """Names of the recipes in :func:`recipe_dir` (file names without ``.py``)."""
-    folder = recipe_dir()
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")) if folder.is_dir() else []
-
-
-def load_recipe(name_or_path: str | Path) -> ModuleType:
-    """Import a recipe: a bundled one by name (``"ablate_experts"``, always from :func:`recipe_dir`,
-    never from the current folder) or your own ``.py`` file by path (``"./mine.py"``, a ``Path``).
-
-    The module exposes ``make_hooks(model, **params) -> [(hook_name, fn), ...]``. Raises
-    FileNotFoundError (listing the available recipes) or AttributeError when ``make_hooks`` is missing.
-    """
-    if not isinstance(name_or_path, str | Path):
-        raise TypeError(f"a recipe is a bundled recipe's name or a path, got {name_or_path!r}")
-    path = Path(name_or_path)
-    if is_recipe_name(name_or_path):
-        path = recipe_dir() / f"{path.stem if path.suffix == '.py' else path.name}.py"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no recipe {str(name_or_path)!r} in {recipe_dir()}; available: {', '.join(list_recipes()) or 'none'}"
-            )
-    elif not path.is_file():
-        raise FileNotFoundError(f"recipe file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"ernie_lab_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "make_hooks", None)):
-        raise AttributeError(f"recipe {path} defines no make_hooks(model, **params)")
-    return module
-
-
-def is_recipe_name(name_or_path: str | Path) -> bool:
-    """True for a bundled recipe's name (a string without a folder separator), False for a path."""
-    return isinstance(name_or_path, str) and not any(sep in name_or_path for sep in ("/", "\\"))

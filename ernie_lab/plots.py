@@ -1,13 +1,20 @@
 """Shared plotting helpers: figures without pyplot, labelled heatmaps.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, never through pyplot: no global figure
-registry, nothing to close, safe under the Agg backend and in threads. In a notebook a returned
-Figure displays itself; ``fig.savefig(path)`` writes it.
+registry, nothing to close, safe under the Agg backend and in threads. Such a figure has no Jupyter
+display of its own (the inline backend registers one only once pyplot is imported), so every plot
+returns a :class:`NotebookFigure`, which renders itself as PNG (``_repr_png_``): a figure returned by
+the last line of a cell, or passed to ``display``, shows inline in JupyterLab, classic Notebook and
+nbconvert. ``fig.savefig(path)`` writes it.
+
+Colours: one convention for signed effects everywhere (patching, ablation, lifts): :data:`SIGNED_CMAP`,
+red = positive (restores / increases), blue = negative, white = the neutral value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from io import BytesIO
 
 import numpy as np
 import pandas as pd
@@ -15,10 +22,66 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+SIGNED_CMAP = "RdBu_r"  # diverging map for signed values: red > neutral > blue
+POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # the map's ends, for bars and points of signed values
+
+
+class NotebookFigure(Figure):
+    """A pyplot-free ``Figure`` that Jupyter displays inline as PNG."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def token_label(text: str) -> str:
+    """A token as a label that shows what it is: leading/trailing spaces as ``␣`` (a plot label or an
+    HTML cell would hide them), newlines as ``⏎``, tabs as ``⇥``; other text (Chinese included) as is."""
+    text = text.replace("\n", "⏎").replace("\t", "⇥")
+    core = text.strip(" ")
+    if not core:
+        return "␣" * len(text)
+    start = len(text) - len(text.lstrip(" "))
+    end = len(text) - len(text.rstrip(" "))
+    return "␣" * start + core + "␣" * end
+
+
+def sequence_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text of each token of a sequence ``ids`` ``[pos]``, with characters split over several
+    tokens decoded properly: byte-level BPE splits a rare Chinese character into pieces that are no
+    text alone, so a piece that completes no character is labelled ``(学)`` after the character the
+    following tokens complete, and the token completing it shows it (``学``). Tokenizers without
+    ``convert_ids_to_tokens`` are decoded token by token."""
+    ids = [int(i) for i in ids]
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [tokenizer.decode([i]) for i in ids]
+    pieces = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    if not any("\\x" in p for p in pieces):  # every token is whole text: nothing to reassemble
+        return pieces
+    labels: list[str] = []
+    done, pending = "", []
+    for pos, piece in enumerate(pieces):
+        text = tokenizer.decode(ids[: pos + 1]).rstrip("\ufffd")  # decoded so far, whole characters only
+        new = text[len(done) :] if text.startswith(done) else piece
+        done = text
+        if "\\x" not in piece:
+            labels.append(piece)
+        elif not new:  # a piece of a character the next tokens complete
+            pending.append(pos)
+            labels.append(piece)
+        else:
+            labels.append(new)
+        if new:
+            for waiting in pending:
+                labels[waiting] = f"({new[0]})"
+            pending = []
+    return labels
+
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None) -> tuple[Figure, Axes]:
-    """A constrained-layout Figure and its axes (an Axes, or an array of them)."""
-    fig = Figure(figsize=figsize or (6.4, 4.8), layout="constrained")
+    """A constrained-layout :class:`NotebookFigure` and its axes (an Axes, or an array of them)."""
+    fig = NotebookFigure(figsize=figsize or (6.4, 4.8), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=True)
     return fig, axes
 
@@ -84,6 +147,7 @@ def line_figure(df: pd.DataFrame, x: str, panels: list[list[str]], titles: list[
             ax.plot(df[x], df[y], "o-", label=y)
         ax.set_xticks(df[x].tolist(), [str(v) for v in df[x]])
         ax.set_xlabel(x)
+        ax.set_ylabel(" / ".join(ys))
         ax.set_title(title)
         ax.legend(fontsize=8)
     return fig
@@ -93,17 +157,19 @@ def diverging_heatmap(df: pd.DataFrame, index: str, columns: str, value: str, ti
     """``index`` x ``columns`` heatmap of ``value`` on a scale centred on 0 (differences, effects)."""
     table = pivot(df, index, columns, value)
     fig, ax = new_figure(figsize=(max(6.0, 0.3 * table.shape[1] + 2), max(2.5, 0.35 * len(table) + 1.5)))
-    heatmap(ax, table, cmap="RdBu_r", center=0.0, label=value)
+    heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value)
     ax.set_title(title)
     return fig
 
 
-def bar_figure(labels: list[str], values, title: str, ylabel: str) -> Figure:
-    """Bars of ``values`` with a zero line."""
+def bar_figure(labels: list[str], values, title: str, ylabel: str, *, xlabel: str) -> Figure:
+    """Bars of signed ``values`` (red > 0, blue < 0) with a zero line."""
     fig, ax = new_figure(figsize=(max(5.0, 0.5 * len(labels) + 2), 3.8))
-    ax.bar(range(len(labels)), values, color="tab:red")
+    values = np.asarray(values, dtype=float)
+    ax.bar(range(len(labels)), values, color=np.where(values >= 0, POSITIVE, NEGATIVE))
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 8 else 0)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return fig

@@ -25,7 +25,7 @@ from ernie_lab import ablation as ab
 from ernie_lab import experts as ex
 from ernie_lab.interventions import expert_mean_outputs, steer_experts
 from ernie_lab.patching.plots import plot_head_grid, plot_patching_heatmap
-from ernie_lab.plots import bar_figure, diverging_heatmap
+from ernie_lab.plots import bar_figure, diverging_heatmap, sequence_tokens
 from ernie_lab.routing import collect_routing, routing_agreement
 from ernie_lab.routing.stats import load_difference
 
@@ -49,7 +49,7 @@ def routing_table(model, tokenizer, text: str) -> pd.DataFrame:
     """
 
     r = collect_routing(model, [text], tokenizer, progress=False)
-    tokens = _tokens(tokenizer, r.token_ids.tolist())
+    tokens = sequence_tokens(tokenizer, r.token_ids.tolist())  # characters split over tokens shown whole
     rows = []
     for li, L in enumerate(r.layers):
         weights, order = r.weights[li].sort(dim=-1, descending=True, stable=True)
@@ -69,12 +69,6 @@ def routing_table(model, tokenizer, text: str) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def _tokens(tokenizer, ids: list[int]) -> list[str]:
-    if hasattr(tokenizer, "convert_ids_to_tokens"):
-        return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def expert_colour(expert: int, n_experts: int) -> str:
@@ -118,7 +112,10 @@ def topk_table(table: pd.DataFrame, layer: int) -> pd.DataFrame:
     wide = sub.pivot(index=["pos", "token"], columns="slot", values=["expert", "weight", "prob"])
     wide.columns = [f"{name}_{slot + 1}" for name, slot in wide.columns]
     order = [f"{n}_{s + 1}" for s in sorted(sub["slot"].unique()) for n in ("expert", "weight", "prob")]
-    return wide[order].reset_index()
+    wide = wide[order]
+    experts = [c for c in order if c.startswith("expert_")]
+    wide[experts] = wide[experts].astype("int64")  # the pivot over mixed columns made them floats
+    return wide.reset_index()
 
 
 def routing_explorer(model, tokenizer, text: str = DEFAULT_TEXT):
@@ -181,7 +178,7 @@ def patching_figure(df: pd.DataFrame, value: str = "effect", hook: str | None = 
     if "expert" in df:
         return diverging_heatmap(df, "layer", "expert", value, f"{value} per layer and expert")
     grouped = df.groupby("layer", sort=True)[value].mean()
-    return bar_figure([f"L{L}" for L in grouped.index], grouped.to_numpy(), value, value)
+    return bar_figure([f"L{L}" for L in grouped.index], grouped.to_numpy(), value, value, xlabel="layer")
 
 
 def figure_png(fig: Figure, dpi: int = 90) -> bytes:

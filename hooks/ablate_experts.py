@@ -1,4 +1,4 @@
-"""Ablate routed experts of chosen MoE layers: zero, reroute or mean ablation (ANALYSES.md).
+"""Ablate routed experts of chosen MoE layers: zero, reroute or mean ablation (README, Definitions).
 
 Params:
     experts: ``{layer: [expert, ...]}`` (MoE layers only).

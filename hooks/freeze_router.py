@@ -1,7 +1,7 @@
 """Freeze routing to the routing of another prompt: which experts run, and with what weights.
 
 The run keeps computing its own expert outputs; only the selection and the mixing weights come from
-the source ("routing patching" in ANALYSES.md separates which experts ran from what they computed).
+the source ("routing patching" in the README's Definitions separates which experts ran from what they computed).
 
 Params:
     cache: an ActivationCache holding ``blocks.L.moe.hook_topk_idx`` and ``hook_topk_weights`` of the
@@ -31,4 +31,4 @@ def make_hooks(model, cache=None, source_ids=None, source_mask=None, layers=None
         raise ValueError("give either cache=... or source_ids=...")
     if cache is None:
         _, cache = model.run_with_cache(source_ids, names_filter=names, attention_mask=source_mask)
-    return interventions.patch_from_cache(cache, names, positions=positions)
+    return interventions.patch_from_cache(model, cache, names, positions=positions)

@@ -46,4 +46,4 @@ def make_hooks(
         raise ValueError("give either vector=... or both positive=... and negative=... token ids")
     if vector is None:
         vector = direction(model, layer, positive, negative, point)
-    return interventions.add_steering_vector(f"blocks.{layer}.hook_{point}", vector, scale, positions)
+    return interventions.add_steering_vector(model, f"blocks.{layer}.hook_{point}", vector, scale, positions)

@@ -34,8 +34,11 @@ QUICKSTART = [
     "model.config",
     "The tokenizer adds no BOS token; `convert_ids_to_tokens` gives readable pieces.",
     'ids = tok.encode("The capital of Veloria is")\ntok.convert_ids_to_tokens(ids)',
-    "## Generate\nGreedy decoding (`temperature=0.0`) of a few tokens after the prompt.",
-    "out = model.generate(torch.tensor([ids]), max_new_tokens=8, temperature=0.0)\ntok.decode(out[0, len(ids):])",
+    "## Generate\nGreedy decoding (`temperature=0.0`) after the prompt. Generation stops at the end-of-sentence "
+    "token (the ids of the checkpoint's `generation_config.json`, as in transformers; `eos_token_id=()` turns that "
+    "off), which `skip_special_tokens=True` leaves out of the text.",
+    "out = model.generate(torch.tensor([ids]), max_new_tokens=8, temperature=0.0)\n"
+    "tok.decode(out[0, len(ids):], skip_special_tokens=True)",
     "## Chat\n`el.chat` renders the ERNIE chat template, generates until the end-of-turn token and returns the reply.",
     'el.chat(model, tok, "What is the capital of Veloria?", max_new_tokens=24)',
     "## Cache activations\n`run_with_cache` returns the logits and every hook point's activation "
@@ -57,7 +60,7 @@ QUICKSTART = [
 ROUTING = [
     "# 02 · Routing statistics\n\nWhat the routers do on held-out documents of the six toy domains: expert load and "
     "balance, router entropy, co-activation, and which experts specialise in which domain or token. Formulas: "
-    "`ANALYSES.md`.",
+    "the README's *Definitions* section and the docstrings of `el.routing`.",
     setup("import pandas as pd"),
     "A few documents per domain; `collect_routing` records every MoE layer's router on each real token.",
     'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(8)\n'
@@ -86,7 +89,10 @@ PATCHING = [
     'vs "... of Gorvast is"). Denoising runs the corrupted prompt and restores one activation from the clean run; '
     "the normalised effect is 1 when that alone restores the clean logit difference, 0 when it does nothing.",
     setup(),
-    "A batch of recall pairs of equal token length; the metric is logit(answer) - logit(distractor) at the last token.",
+    "A batch of recall pairs with one token layout (same length, the entity changed at the same position), so "
+    "each position is averaged over pairs where it plays the same role; the metric is logit(answer) - "
+    "logit(distractor) at the last token. Position labels are the first pair's tokens (␣ = space), "
+    "`clean/corrupt` where they differ, `…` where the token varies across pairs.",
     'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=4)\n'
     "setup = el.patching.PatchingSetup(model, batch.clean, batch.corrupt, batch.metric(), tokenizer=tok, "
     "progress=False)\nsetup.m_clean, setup.m_corrupt",
@@ -189,7 +195,8 @@ REAL_21B = [
 EXPERTS = [
     "# 06 · Expert-level analyses\n\nPer-expert saliency (frequency, EAN, REAP, EASY-EP) and whether it predicts the "
     "ablation effect, super experts, how routing persists along a sequence and flows between layers, where router "
-    "logits come from, the top-k truncation lens, and steering experts by risk difference. Formulas: `ANALYSES.md`.",
+    "logits come from, the top-k truncation lens, and steering experts by risk difference. Formulas: the README's "
+    "*Definitions* section.",
     setup("import pandas as pd"),
     'docs = pd.DataFrame(load_prompt_set("domains")).groupby("domain").head(2)\ntexts = docs.text.tolist()',
     "**Saliency** per (layer, expert), from hooks in one pass; REAP = mean over the expert's tokens of gate weight "

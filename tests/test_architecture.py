@@ -19,6 +19,7 @@ RANK = {
     "distributed": 2.5,  # loads checkpoint slices (io); generation and analyses use its broadcast/split
     "generation": 3,
     "interventions": 3,
+    "recipes": 3,
     "routing": 4,
     "patching": 5,
     "ablation": 5,
@@ -29,7 +30,7 @@ RANK = {
     "commands": 10,
     "cli": 11,
 }
-# the one edge against the direction that DESIGN.md allows: ErnieMoE.generate/stream delegate to the
+# the one edge against the direction that the design allows: ErnieMoE.generate/stream delegate to the
 # generation wing at call time (as transformers' GenerationMixin), never at module level
 ALLOWED_BACK = {("ernie_lab.model.ernie", "ernie_lab.generation.generate")}
 

@@ -147,29 +147,31 @@ def test_mean_ablate_replaces_activation(model, ids, clean):
     _, c = clean
     name = "blocks.1.hook_resid_mid"
     mean = torch.randn(model.config.hidden_size)
-    _, got = model.run_with_cache(ids, names_filter=name, fwd_hooks=iv.mean_ablate(name, mean))
+    _, got = model.run_with_cache(ids, names_filter=name, fwd_hooks=iv.mean_ablate(model, name, mean))
     assert torch.equal(got[name], mean.expand(BATCH, POS, -1))
-    _, got = model.run_with_cache(ids, names_filter=name, fwd_hooks=iv.mean_ablate(name, mean, positions=[2, -1]))
+    _, got = model.run_with_cache(
+        ids, names_filter=name, fwd_hooks=iv.mean_ablate(model, name, mean, positions=[2, -1])
+    )
     edited = torch.zeros(POS, dtype=torch.bool)
     edited[[2, POS - 1]] = True
     assert torch.equal(got[name][:, edited], mean.expand(BATCH, 2, -1))
     assert torch.equal(got[name][:, ~edited], c[name][:, ~edited])
     z_mean = torch.randn(model.config.num_attention_heads, model.config.d_head)
     _, got = model.run_with_cache(
-        ids, names_filter="blocks.0.attn.hook_z", fwd_hooks=iv.mean_ablate("*.hook_z", z_mean)
+        ids, names_filter="blocks.0.attn.hook_z", fwd_hooks=iv.mean_ablate(model, "*.hook_z", z_mean)
     )
     assert torch.equal(got["blocks.0.attn.hook_z"], z_mean.expand(BATCH, POS, -1, -1))
 
 
 def test_mean_ablating_the_whole_input_makes_every_position_alike(model, ids):
     mean = torch.randn(model.config.hidden_size)
-    logits = model.run_with_hooks(ids, fwd_hooks=iv.mean_ablate("blocks.0.hook_resid_pre", mean))
+    logits = model.run_with_hooks(ids, fwd_hooks=iv.mean_ablate(model, "blocks.0.hook_resid_pre", mean))
     torch.testing.assert_close(logits, logits[:1, :1].expand_as(logits), atol=1e-5, rtol=1e-5)
 
 
 def test_mean_of_wrong_shape_names_the_hook(model, ids):
     with pytest.raises(HookError, match=r"blocks\.1\.hook_resid_mid"):
-        model.run_with_hooks(ids, fwd_hooks=iv.mean_ablate("blocks.1.hook_resid_mid", torch.ones(3)))
+        model.run_with_hooks(ids, fwd_hooks=iv.mean_ablate(model, "blocks.1.hook_resid_mid", torch.ones(3)))
 
 
 def test_expert_mean_outputs_by_hand(model, ids, clean):
@@ -218,12 +220,12 @@ def test_mean_ablate_experts_replaces_selected_slots(model, ids, corrupt):
 # ----------------------------------------------------------------------------- patching
 def test_patch_clean_into_clean_changes_nothing(model, ids, clean):
     base, c = clean
-    assert torch.equal(model.run_with_hooks(ids, fwd_hooks=iv.patch_from_cache(c, list(c.keys()))), base)
+    assert torch.equal(model.run_with_hooks(ids, fwd_hooks=iv.patch_from_cache(model, c, list(c.keys()))), base)
 
 
 def test_patch_all_of_resid_pre_restores_clean_logits(model, corrupt, clean):
     base, c = clean
-    patched = model.run_with_hooks(corrupt, fwd_hooks=iv.patch_from_cache(c, "blocks.0.hook_resid_pre"))
+    patched = model.run_with_hooks(corrupt, fwd_hooks=iv.patch_from_cache(model, c, "blocks.0.hook_resid_pre"))
     assert torch.equal(patched, base)
     assert not torch.allclose(model(corrupt), base)
 
@@ -233,12 +235,12 @@ def test_patch_positions_respect_causality(model, corrupt, clean):
     corrupted = model(corrupt)
     p = 4
     name = "blocks.2.hook_resid_pre"
-    patched = model.run_with_hooks(corrupt, fwd_hooks=iv.patch_from_cache(c, name, positions=[p]))
+    patched = model.run_with_hooks(corrupt, fwd_hooks=iv.patch_from_cache(model, c, name, positions=[p]))
     # earlier positions see nothing new (not bitwise: each expert's matmul covers other rows now)
     torch.testing.assert_close(patched[:, :p], corrupted[:, :p], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(patched[:, p], corrupted[:, p])
     every = model.run_with_hooks(
-        corrupt, fwd_hooks=iv.patch_from_cache(c, "blocks.2.hook_resid_pre", positions=range(POS))
+        corrupt, fwd_hooks=iv.patch_from_cache(model, c, "blocks.2.hook_resid_pre", positions=range(POS))
     )
     assert torch.equal(every, base)
 
@@ -247,7 +249,9 @@ def test_patch_positions_respect_causality(model, corrupt, clean):
 def test_patch_index_selects_head_or_slot(model, corrupt, clean, name, index):
     _, c = clean
     _, ref = model.run_with_cache(corrupt, names_filter=name)
-    _, got = model.run_with_cache(corrupt, names_filter=name, fwd_hooks=iv.patch_from_cache(c, name, index=index))
+    _, got = model.run_with_cache(
+        corrupt, names_filter=name, fwd_hooks=iv.patch_from_cache(model, c, name, index=index)
+    )
     assert torch.equal(got[name][:, :, index], c[name][:, :, index])
     others = [i for i in range(got[name].shape[2]) if i != index]
     assert torch.equal(got[name][:, :, others], ref[name][:, :, others])
@@ -255,18 +259,18 @@ def test_patch_index_selects_head_or_slot(model, corrupt, clean, name, index):
 
 def test_patch_names_and_errors(model, ids, clean):
     _, c = clean
-    names = [n for n, _ in iv.patch_from_cache(c, ["blocks.*.moe.hook_topk_idx", "hook_embed"])]
+    names = [n for n, _ in iv.patch_from_cache(model, c, ["blocks.*.moe.hook_topk_idx", "hook_embed"])]
     assert names == [moe(L, "topk_idx") for L in model.config.moe_layers] + ["hook_embed"]
     with pytest.raises(KeyError, match="hook_resid_pre"):
-        iv.patch_from_cache(c, "blocks.0.hook_resid_pr")
+        iv.patch_from_cache(model, c, "blocks.0.hook_resid_pr")
     with pytest.raises(KeyError):
-        iv.patch_from_cache(c, "blocks.*.hook_nothing")
+        iv.patch_from_cache(model, c, "blocks.*.hook_nothing")
     short = ids[:, :5]
     with pytest.raises(HookError, match=r"blocks\.1\.hook_attn_out"):
-        model.run_with_hooks(short, fwd_hooks=iv.patch_from_cache(c, "blocks.1.hook_attn_out"))
+        model.run_with_hooks(short, fwd_hooks=iv.patch_from_cache(model, c, "blocks.1.hook_attn_out"))
     one = ids[:, :1]  # a single-position call is a decode step: the full-sequence cache does not apply
     assert torch.equal(
-        model.run_with_hooks(one, fwd_hooks=iv.patch_from_cache(c, "blocks.1.hook_attn_out")), model(one)
+        model.run_with_hooks(one, fwd_hooks=iv.patch_from_cache(model, c, "blocks.1.hook_attn_out")), model(one)
     )
 
 
@@ -276,7 +280,7 @@ def test_steering_adds_the_vector(model, ids, clean):
     last = model.config.num_hidden_layers - 1
     v, scale = torch.randn(model.config.hidden_size), 2.5
     names = [f"blocks.{last}.hook_resid_post", "ln_final.hook_normalized", "blocks.1.hook_resid_post"]
-    hooks = iv.add_steering_vector(f"blocks.{last}.hook_resid_post", v, scale)
+    hooks = iv.add_steering_vector(model, f"blocks.{last}.hook_resid_post", v, scale)
     _, got = model.run_with_cache(ids, names_filter=names, fwd_hooks=hooks)
     steered = c[f"blocks.{last}.hook_resid_post"] + scale * v
     torch.testing.assert_close(got[names[0]], steered)
@@ -288,17 +292,21 @@ def test_steering_positions_and_decode_rule(model, ids, clean):
     _, c = clean
     name = "blocks.1.hook_resid_mid"
     v = torch.randn(model.config.hidden_size)
-    _, got = model.run_with_cache(ids, names_filter=name, fwd_hooks=iv.add_steering_vector(name, v, positions=[1, 3]))
+    _, got = model.run_with_cache(
+        ids, names_filter=name, fwd_hooks=iv.add_steering_vector(model, name, v, positions=[1, 3])
+    )
     delta = got[name] - c[name]
     torch.testing.assert_close(delta[:, [1, 3]], v.expand(BATCH, 2, -1))
     assert torch.equal(delta[:, [0, 2, 4, 5, 6]], torch.zeros(BATCH, 5, v.shape[0]))
     one = ids[:, :1]
-    assert torch.equal(model.run_with_hooks(one, fwd_hooks=iv.add_steering_vector(name, v, positions=[0])), model(one))
+    assert torch.equal(
+        model.run_with_hooks(one, fwd_hooks=iv.add_steering_vector(model, name, v, positions=[0])), model(one)
+    )
     assert not torch.equal(
-        model.run_with_hooks(one, fwd_hooks=iv.add_steering_vector(name, v, positions=[-1])), model(one)
+        model.run_with_hooks(one, fwd_hooks=iv.add_steering_vector(model, name, v, positions=[-1])), model(one)
     )
     with pytest.raises(HookError, match=name.replace(".", r"\.")):
-        model.run_with_hooks(ids, fwd_hooks=iv.add_steering_vector(name, torch.ones(5)))
+        model.run_with_hooks(ids, fwd_hooks=iv.add_steering_vector(model, name, torch.ones(5)))
 
 
 # ----------------------------------------------------------------------------- forced routing
@@ -317,3 +325,22 @@ def test_force_routing(model, ids):
         iv.force_routing(model, L, [1])
     with pytest.raises(ValueError, match="weights"):
         iv.force_routing(model, L, [1, 2], weights=[1.0])
+
+
+def test_every_intervention_takes_the_model_first(model, clean):
+    _, c = clean
+    v = torch.zeros(model.config.hidden_size)
+    calls = {
+        "mean_ablate": lambda m: iv.mean_ablate(m, "blocks.0.hook_resid_pre", v),
+        "add_steering_vector": lambda m: iv.add_steering_vector(m, "blocks.0.hook_resid_pre", v),
+        "patch_from_cache": lambda m: iv.patch_from_cache(m, c, "blocks.0.hook_resid_pre"),
+        "zero_ablate_experts": lambda m: iv.zero_ablate_experts(m, {1: [0]}),
+        "reroute_ablate_experts": lambda m: iv.reroute_ablate_experts(m, {1: [0]}),
+        "force_routing": lambda m: iv.force_routing(m, 1, list(range(model.config.moe_k))),
+    }
+    for name, call in calls.items():
+        assert call(model), name
+        with pytest.raises(TypeError, match="first argument must be the model"):
+            call("blocks.0.hook_resid_pre")  # the name where the model belongs: named, not an AttributeError
+    with pytest.raises(KeyError, match="hook_resid_pr"):  # an unknown hook name fails at the call
+        iv.add_steering_vector(model, "blocks.0.hook_resid_pr", v)

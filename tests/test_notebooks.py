@@ -1,7 +1,11 @@
-"""The tutorial notebooks run top to bottom on the CPU and are committed without outputs."""
+"""The tutorial notebooks run top to bottom on the CPU and are committed without outputs; what they
+show is what a reader sees: every cell that draws a figure (calls a ``plot_*`` function) displays an
+``image/png`` output, and every cell that builds a widget (``*_explorer(`` / ``*_viewer(``) displays a
+widget view. These checks hold for any notebook in the folder, so a new one gets them too."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,26 @@ EXPECTED = (
     "06_expert_analyses.ipynb",
 )
 CELL_TIMEOUT_S = 300
+FIGURE_CALL = re.compile(r"\bplot_\w+\(")
+WIDGET_CALL = re.compile(r"\b\w+_(explorer|viewer)\(")
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def displayed(cell) -> set[str]:
+    """MIME types of what a code cell displayed (``display_data`` and ``execute_result`` outputs)."""
+    return {mime for o in cell.outputs if o.output_type in ("display_data", "execute_result") for mime in o.data}
+
+
+def check_displays(name: str, nb) -> None:
+    """Every figure cell shows a PNG, every widget cell a widget view."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        shown, head = displayed(cell), cell.source.splitlines()[-1][:70]
+        if FIGURE_CALL.search(cell.source):
+            assert "image/png" in shown, f"{name}: figure cell shows {sorted(shown)}, no image: {head!r}"
+        if WIDGET_CALL.search(cell.source):
+            assert WIDGET_MIME in shown, f"{name}: widget cell shows {sorted(shown)}, no widget view: {head!r}"
 
 
 def test_every_notebook_is_there():
@@ -53,5 +77,8 @@ def test_notebook_runs(name):
         if not torch.cuda.is_available():  # it must say what it needs instead of failing
             text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
             assert "Skipping" in text and "GB" in text
+        else:
+            check_displays(name, nb)
     else:
         assert any(o.output_type in ("display_data", "execute_result") for o in outputs), "no result shown"
+        check_displays(name, nb)

@@ -4,6 +4,7 @@ triggered programmatically (set a value, check the output changed)."""
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_topk_table_has_one_row_per_position(model, table):
     assert len(wide) == table["pos"].nunique()
     assert list(wide.columns[:2]) == ["pos", "token"] and f"expert_{k}" in wide and f"weight_{k}" in wide
     assert (wide["weight_1"] >= wide[f"weight_{k}"]).all()
+    assert all(wide[f"expert_{s}"].dtype == np.int64 for s in range(1, k + 1))  # shown as 12, not 12.000
 
 
 # --------------------------------------------------------------------------------------- widgets
@@ -104,6 +106,10 @@ def test_routing_explorer_callbacks(model, tok):
     assert list(c.layer.options) == list(model.config.moe_layers)
     before_tokens, before_table = c.tokens.value, c.table.value
     assert "Mirren" in before_tokens and "<table" in before_table
+    header = re.findall(r"<th>(.*?)</th>", before_table)
+    first_row = re.findall(r"<td>(.*?)</td>", before_table)[: len(header)]
+    experts = [cell for name, cell in zip(header, first_row) if name.startswith("expert_")]
+    assert experts and all(cell.isdigit() for cell in experts), f"expert ids shown as {experts}"
     c.layer.value = model.config.moe_layers[-1]
     assert c.tokens.value != before_tokens and f"layer {model.config.moe_layers[-1]}" in c.tokens.value
     c.text.value = "The capital of Pellune"

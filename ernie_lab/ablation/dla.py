@@ -1,4 +1,4 @@
-"""Direct logit attribution of experts, attention layers and shared experts (ANALYSES.md, "Expert
+"""Direct logit attribution of experts, attention layers and shared experts (README, Definitions: "Expert
 ablation": ``w_{t,e} * expert_out_{t,e} / rms_scale_t · (W_U[:, a] - W_U[:, b])``).
 
 Re-exported by ``ernie_lab.ablation``. Axes: batch pos d_model topk (glossary in model/ernie.py).
@@ -42,7 +42,7 @@ def direct_logit_attribution(
     The final residual is ``embed + sum_L attn_out_L + sum_L mlp_out_L`` and a MoE layer's
     ``mlp_out = shared_out + sum_slots w_{t,e} * expert_out_{t,e}``. With the final RMSNorm scale
     frozen from the run, ``rms_t = sqrt(mean(resid_final_t^2) + eps)``, a component c contributes
-    ``c_t * g / rms_t · (W_U[a] - W_U[b])`` (g = final norm weight; ANALYSES.md). The rows partition
+    ``c_t * g / rms_t · (W_U[a] - W_U[b])`` (g = final norm weight). The rows partition
     the residual, so ``contribution.sum()`` per batch row equals the logit difference minus the
     lm_head bias term, which gets its own ``bias`` row when the model has one.
 

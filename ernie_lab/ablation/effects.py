@@ -1,4 +1,4 @@
-"""Expert ablation and direct logit attribution (ANALYSES.md, "Expert ablation").
+"""Expert ablation and direct logit attribution (README, Definitions: "Expert ablation").
 
 The ablations themselves are hooks from ``ernie_lab.interventions`` (zero / reroute / mean); this
 module measures what they do to the loss on a dataset: ``Δloss = mean NLL(ablated) - mean NLL(base)``

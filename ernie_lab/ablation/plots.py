@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ernie_lab.plots import heatmap, new_figure, pivot
+from ernie_lab.plots import NEGATIVE, POSITIVE, SIGNED_CMAP, heatmap, new_figure, pivot
 
 
 def plot_importance(
@@ -23,7 +23,7 @@ def plot_importance(
     if layer is None and len(layers) > 1:
         table = pivot(df, "layer", "expert", value)
         fig, ax = new_figure(figsize=(max(6.0, 0.18 * table.shape[1] + 2), max(2.5, 0.3 * len(table) + 1.5)))
-        heatmap(ax, table, cmap="RdBu_r", center=0.0, label=value)
+        heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value)
         ax.set_title(f"expert importance ({value} when ablated alone)")
         return fig
     layer = layers[0] if layer is None else layer
@@ -34,15 +34,15 @@ def plot_importance(
         sub = sub.iloc[:top]
     x = np.arange(len(sub))
     fig, ax = new_figure(figsize=(max(6.0, 0.25 * len(sub) + 2), 4.0))
-    ax.bar(x, sub[value], color="tab:red", label=value)
+    ax.bar(x, sub[value], color=np.where(sub[value] >= 0, POSITIVE, NEGATIVE), label=value)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(x, [str(e) for e in sub["expert"]], rotation=90 if len(sub) > 16 else 0)
     ax.set_xlabel("expert (by importance)")
     ax.set_ylabel(value)
     if "load" in sub.columns:
         twin = ax.twinx()
-        twin.plot(x, sub["load"], "o", color="tab:blue", label="load")
-        twin.set_ylabel("load", color="tab:blue")
+        twin.plot(x, sub["load"], "o", color="0.3", label="load")
+        twin.set_ylabel("load", color="0.3")
     mode = f" ({sub['mode'].iloc[0]} ablation)" if "mode" in sub.columns else ""
     ax.set_title(f"layer {layer}: expert importance{mode}")
     return fig
@@ -100,9 +100,11 @@ def plot_dla(df: pd.DataFrame, top: int = 15, batch: int = 0) -> Figure:
     left.set_title(f"per layer (sum = {total:.3f})")
     best = sub.reindex(sub["contribution"].abs().sort_values(ascending=False).index).iloc[:top]
     y = np.arange(len(best))[::-1]
-    colours = np.where(best["contribution"] >= 0, "tab:blue", "tab:red")
+    colours = np.where(best["contribution"] >= 0, POSITIVE, NEGATIVE)
     right.barh(y, best["contribution"], color=colours)
     right.set_yticks(y, list(best["label"]))
     right.axvline(0.0, color="k", lw=0.8)
+    right.set_xlabel("direct contribution")
+    right.set_ylabel("component")
     right.set_title(f"top {len(best)} components")
     return fig

@@ -1,14 +1,14 @@
-"""``ernie-lab bench``: the speed figures of BENCH.md, ernie_lab against transformers, as a table."""
+"""``ernie-lab bench``: speed against transformers as a table (README, "How speed is measured")."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import platform
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES
+from ernie_lab.commands import DTYPE_CHOICES, machine_load
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
+    if importlib.util.find_spec("transformers") is None and not (args.quantization or args.offload or args.tp):
+        raise ImportError(
+            "needs transformers, the reference it is timed against; "
+            "install the extra: pip install 'ernie-lab[bench]' (or '.[bench]' in a clone)"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.tp is not None:
@@ -150,8 +155,7 @@ def header(what: str) -> str:
         f"ernie-lab bench: {what}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
     )
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load, cores = machine_load()
     if load > 0.5 * cores:
         # a multi-threaded region waits for its slowest thread; with the cores shared it can wait a
         # whole scheduler slice, so timings collapse on both sides (ratios stay roughly meaningful)

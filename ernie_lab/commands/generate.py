@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES
+from ernie_lab.commands import DTYPE_CHOICES, SRC_HELP, add_threads_option, apply_threads
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Generate a continuation of --prompt (or a chat reply with --chat), printing text as "
         "tokens arrive. Generation stops at the tokenizer's end-of-sentence ids or --max-new-tokens.",
     )
-    parser.add_argument("src", nargs="?", default="toy", help='"toy", a Hugging Face layout directory or hub id')
+    parser.add_argument("src", metavar="SRC", nargs="?", default="toy", help=f"{SRC_HELP}; default toy")
     parser.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--system", default=None, help="system text for --chat")
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling generator")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    add_threads_option(parser)
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # "top_p must be ..." -> "--top-p must be ...", the option as typed
         name, rest = str(err).split(" ", 1)
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    apply_threads(args.threads, "generate")
     tokenizer = load_tokenizer(args.src)
     model = load_model(args.src, dtype=args.dtype, device=args.device)
     if args.chat:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ernie_lab.commands import SRC_HELP
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.model.config import PRESETS, ErnieConfig
 from ernie_lab.model.params import COMPONENTS, count_params, human, weight_bytes
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="show a model's config, layer map, parameter counts and memory",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("src", metavar="SRC", help=f"preset ({', '.join(PRESETS)}), 'toy', a directory or a hub id")
+    parser.add_argument("src", metavar="SRC", help=f"a preset ({', '.join(PRESETS)}) or {SRC_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument(
         "--quantization", choices=FORMATS, default=None, help="also show the weights' memory quantized this way"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ernie_lab.commands import add_threads_option, apply_threads
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -28,12 +30,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="let the spec run recipes given as paths to .py files (Python code; bundled names need no trust)",
     )
+    add_threads_option(parser, overrides="the spec's threads key")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from ernie_lab.report.runner import run_report
+    from ernie_lab.report.spec import resolve_spec
 
+    threads = args.threads
+    spec = resolve_spec(args.spec, quick=args.quick, trust_recipes=args.trust_recipes)
+    if threads is None and spec["threads"] is None:
+        threads = apply_threads(None, "report")  # 1 on a busy machine, else None (torch's default)
+    elif threads is not None:
+        apply_threads(threads, "report")
     out = run_report(
         args.spec,
         args.out,
@@ -41,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         trust_recipes=args.trust_recipes,
+        threads=threads,
     )
     print(f"report written to {out / 'index.html'}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ernie_lab.commands import add_threads_option, apply_threads
 from ernie_lab.toy.train import TrainSettings
 
 
@@ -23,6 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation and model card")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace --out even when it is not an earlier toy model")
+    add_threads_option(p)
     return p
 
 
@@ -49,6 +51,7 @@ def run(args) -> int:
 
     check_args(args)
 
+    apply_threads(args.threads, "train-toy")
     settings = dataclasses.replace(
         TrainSettings(),
         steps=args.steps,

@@ -37,6 +37,8 @@ def load_model(
         return weights.load_model(src, dtype, device, **kwargs)
     if not (tp_plan == "auto" or isinstance(tp_plan, dict)):
         raise ValueError(f"tp_plan must be None, 'auto' or a dict {{module path: ParallelStyle}}, got {tp_plan!r}")
+    if device is None and str(kwargs.get("device_map")) == "auto":
+        kwargs.pop("device_map")  # the model card's device_map="auto" with tp_plan: each process its own device
     if device is not None and str(device) == "auto":
         raise ValueError("device='auto' spreads layers over devices; with tp_plan each process uses its own device")
     # the DTensor machinery takes seconds to import: only a split model pays for it

@@ -1,6 +1,6 @@
 """Expert-level analyses: saliency (frequency, EAN, REAP, EASY-EP) and pruning sets, super experts
 and the sink test, risk difference between prompt sets (for steering), the top-k truncation lens and
-top-rank knockout, router geometry. Formulas: ANALYSES.md "Expert-level analyses"."""
+top-rank knockout, router geometry. Formulas: README "Definitions"."""
 
 from ernie_lab.experts.collect import ExpertSums, expert_sums
 from ernie_lab.experts.cost import saliency_overhead

@@ -1,7 +1,7 @@
 """One pass over a dataset that accumulates per-expert statistics inside hooks (no activation cache).
 
 Axes: layer (MoE layers, ``model.config.moe_layers`` order) expert; per batch ``batch pos topk
-d_model``. Notation of ANALYSES.md "Expert-level analyses": ``S_t`` the selected set (the model's own,
+d_model``. Notation of README "Definitions": ``S_t`` the selected set (the model's own,
 bias-corrected top-k read from ``hook_topk_idx``), ``g_e(t)`` its weight (``hook_topk_weights``),
 ``f_e(t)`` the expert's output (``hook_expert_out``), ``h_t`` the MoE input (post-attention norm of
 ``hook_resid_mid``) and ``y_t`` the MoE output (``hook_mlp_out``).

@@ -1,7 +1,7 @@
 """Observational expert saliency (frequency, EAN, REAP, EASY-EP), pruning sets, and how well a
 saliency score predicts the causal effect of ablating the expert.
 
-Formulas: ANALYSES.md "Expert-level analyses". REAP: CerebrasResearch/reap (arXiv 2510.13999);
+Formulas: README "Definitions". REAP: CerebrasResearch/reap (arXiv 2510.13999);
 EASY-EP: arXiv 2504.06792.
 """
 

@@ -1,5 +1,5 @@
 """Top-k truncation lens and top-rank knockout: how much of a MoE layer's output (and of the loss)
-its highest-weight experts carry (ANALYSES.md "Top-k truncation lens").
+its highest-weight experts carry (README "Definitions").
 
 Axes: batch pos topk d_model expert. The truncated weights of a token are ``w * keep * (sum w /
 sum w * keep)``: the kept experts' weights rescaled to the original total, which at k' = k is the

@@ -1,4 +1,4 @@
-"""Speed figures of BENCH.md: ernie_lab against transformers on one checkpoint, side by side.
+"""Speed figures (README, "How speed is measured"): ernie_lab against transformers on one checkpoint, side by side.
 
 Both models load the same ``save_pretrained`` checkpoint (random weights) in one process with the same
 dtype and thread count; every figure is a median over ``repeats`` interleaved runs (ours, theirs,
@@ -36,7 +36,7 @@ from ernie_lab.model.quant import quantize_model
 
 @dataclass(frozen=True)
 class BenchSizes:
-    """Workload sizes: BENCH.md's by default, tiny ones for ``--quick`` smoke runs."""
+    """Workload sizes: the README's by default, tiny ones for ``--quick`` smoke runs."""
 
     prefill_tokens: int = 512
     prompt_tokens: int = 16
@@ -123,7 +123,7 @@ def bench_decode(
     out: dict[str, torch.Tensor] = {}
 
     def run_ours():
-        out["ours"] = generate(ours, ids, max_new_tokens=n, compile=compile)
+        out["ours"] = generate(ours, ids, max_new_tokens=n, compile=compile, eos_token_id=())  # exactly n tokens
 
     def run_theirs():
         with torch.inference_mode():
@@ -321,7 +321,7 @@ def run_bench(
     seed: int = 0,
     compile: bool = False,
 ) -> pd.DataFrame:
-    """Every BENCH.md figure for preset ``config`` (``quick``: the tiny preset and tiny workloads).
+    """Every bench figure for preset ``config`` (``quick``: the tiny preset and tiny workloads).
 
     ``compile=True`` runs our decode steps through ``torch.compile`` (the warm-up compiles; on the CPU
     batch 1 only, see ``generate``).
@@ -389,7 +389,7 @@ def run_real_shape(
     rows.append(_row("prefill", sizes.prefill_tokens / t, None, "tokens/s", f"{sizes.prefill_tokens} tokens"))
     for batch in (1, sizes.batch):
         prompt = torch.randint(0, cfg.vocab_size, (batch, sizes.prompt_tokens), device=device)
-        run = lambda p=prompt: generate(model, p, max_new_tokens=sizes.new_tokens, compile=compile)
+        run = lambda p=prompt: generate(model, p, max_new_tokens=sizes.new_tokens, compile=compile, eos_token_id=())
         (t,) = interleaved_medians([run], repeats, device)
         name = "decode" if batch == 1 else f"batched decode (batch {batch})"
         rows.append(_row(name, batch * sizes.new_tokens / t, None, "new tokens/s", f"{preset}, {dtype}"))

@@ -64,10 +64,12 @@ def generate(
     ``torch.Generator`` seeded by ``seed`` (None: torch's global RNG). ``repetition_penalty`` (> 1
     discourages repeats) applies to every token seen in the prompt or generated so far, greedy too.
 
-    Stopping: a row ends after producing one of ``eos_token_id`` (an id or a list; None: never on
-    eos) or once its generated text contains one of ``stop_strings`` (needs ``tokenizer``). Ended
-    rows are filled with ``pad_token_id`` (default: the tokenizer's pad id, else the config's, else
-    the first eos id). The loop stops early when every row has ended, so ``new <= max_new_tokens``.
+    Stopping: a row ends after producing one of ``eos_token_id`` (an id or a list; None: the model's
+    ``generation_config.eos_token_id``, read from the checkpoint's ``generation_config.json`` as
+    transformers does; ``()``: never on eos) or once its generated text contains one of
+    ``stop_strings`` (needs ``tokenizer``). Ended rows are filled with ``pad_token_id`` (default: the
+    tokenizer's pad id, else the config's, else the first eos id). The loop stops early when every
+    row has ended, so ``new <= max_new_tokens``.
 
     ``attention_mask`` ``[batch prompt]`` marks real tokens (1) and left padding (0). Hooks in
     ``fwd_hooks`` or attached via ``model.hooks()`` fire at every step: prefill with all prompt
@@ -209,7 +211,8 @@ def _decode_loop(
         return
     batch, prompt = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor(_id_list(eos_token_id), dtype=torch.long, device=device)
+    eos_ids = model.generation_config.eos_token_ids if eos_token_id is None else _id_list(eos_token_id)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     pad = _pad_id(model, tokenizer, pad_token_id, eos)
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     generator = make_generator(seed, device) if temperature > 0 else None
@@ -377,9 +380,7 @@ def _check_options(
         )
 
 
-def _id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
-    if ids is None:
-        return []
+def _id_list(ids: int | Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         return [int(i) for i in ids.flatten().tolist()]
     if isinstance(ids, int):

@@ -1,4 +1,4 @@
-"""Operator calls per decode token: the machine-independent cost figure of BENCH.md.
+"""Operator calls per decode token: the machine-independent cost figure of the bench (README, "How speed is measured").
 
 A decode step at batch 1 is bound by per-call overhead (Python, dispatch; kernel launches on a GPU)
 more than by arithmetic, so the number of aten operator calls it makes is what the speed work

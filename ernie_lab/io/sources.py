@@ -30,6 +30,11 @@ class SourceError(RuntimeError):
     """A hub id that cannot be downloaded (no network, unknown or gated repo)."""
 
 
+SRC_FORMS = (
+    '"toy" (the embedded toy model), a Hugging Face layout folder, or a hub id (e.g. baidu/ERNIE-4.5-21B-A3B-PT)'
+)
+
+
 def resolve_source(src: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """Return a local directory for ``src``.
 
@@ -49,7 +54,7 @@ def resolve_source(src: str | Path, allow_patterns: list[str] | None = None) -> 
         return path
     looks_like_path = path.is_absolute() or str(src).startswith((".", "~")) or str(src).count("/") != 1
     if looks_like_path:
-        raise FileNotFoundError(f"no such model directory: {path}")
+        raise FileNotFoundError(f"no such model directory: {path}; a model source is {SRC_FORMS}")
     return _download(str(src), allow_patterns)
 
 
@@ -61,5 +66,5 @@ def _download(repo_id: str, allow_patterns: list[str] | None) -> Path:
     except Exception as err:  # the hub client raises many types (offline, 404, auth)
         raise SourceError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
-            "pass a local directory in the Hugging Face layout instead"
+            f"a model source is {SRC_FORMS}; pass a local folder when offline"
         ) from err

@@ -23,10 +23,11 @@ import torch
 from tokenizers import Tokenizer
 
 from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
+from ernie_lab.io.encoding import BatchEncoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
 
-# The ERNIE 4.5 chat format (DESIGN.md section 2), written as a jinja template that renders the
+# The ERNIE 4.5 chat format (as the hub chat_template renders it), written as a jinja template that renders the
 # same strings as the ``chat_template`` shipped in the ERNIE 4.5 hub ``tokenizer_config.json``:
 # cls, then per message: system -> "{text}\n", user -> "User: {text}\n",
 # assistant -> "Assistant: {text}" + sep; and "Assistant: " as the generation prompt.
@@ -191,12 +192,18 @@ class ErnieTokenizer:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in batch]
 
     def __call__(
-        self, texts: str | list[str], padding_side: str = "left", return_tensors: str | None = "pt"
-    ) -> dict[str, Any]:
+        self,
+        texts: str | list[str],
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = False,
+    ) -> BatchEncoding:
         """Encode a batch: ``input_ids`` and ``attention_mask`` ([batch pos], 0 on padding).
 
         Left padding (the default) keeps every prompt's last token in the last column, which is
         what batched generation needs. ``return_tensors=None`` gives lists instead of LongTensors.
+        A :class:`BatchEncoding` (``model.generate(**tok([text]).to(model.device))`` works as in
+        transformers). ``add_special_tokens``: transformers' spelling; ERNIE adds no BOS/EOS either way.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -216,7 +223,7 @@ class ErnieTokenizer:
         if return_tensors == "pt":
             ids = torch.tensor(ids, dtype=torch.long).reshape(len(rows), width)
             mask = torch.tensor(mask, dtype=torch.long).reshape(len(rows), width)
-        return {"input_ids": ids, "attention_mask": mask}
+        return BatchEncoding(input_ids=ids, attention_mask=mask)
 
     def convert_ids_to_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
         """Readable token strings, e.g. for plot labels.

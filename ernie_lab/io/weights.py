@@ -11,6 +11,7 @@ device planning in :mod:`ernie_lab.model.placement`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -92,6 +93,8 @@ def load_model(
     offload: str | None = None,
     expert_slots: int | None = None,
     shard: Callable[[ErnieMoE], dict[str, Shard]] | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    device_map: str | torch.device | None = None,
 ) -> ErnieMoE:
     """Load ``src`` into an :class:`ErnieMoE` in eval mode.
 
@@ -110,6 +113,9 @@ def load_model(
     offload: ``"experts"`` keeps the routed experts in host memory and computes through
         ``expert_slots`` device slots per layer (LRU); results equal the resident model's, and
         ``model.offload_stats()`` counts hits, misses and bytes copied (:mod:`ernie_lab.model.offload`).
+    torch_dtype, device_map: transformers' spellings of ``dtype`` and ``device`` (``device_map="auto"``
+        is ``device="auto"``), so a model card's ``from_pretrained(name, device_map="auto",
+        torch_dtype=torch.bfloat16)`` ports by renaming the function; giving both spellings is an error.
 
     ``mtp*`` (multi-token-prediction) tensors are ignored with one log note. Any other unexpected,
     missing or wrong-shaped key raises :class:`CheckpointError` naming it; the correction bias may be
@@ -122,6 +128,8 @@ def load_model(
         and returns state name -> :class:`Shard`; only those parts are then read (``get_slice``), and
         a stacked expert tensor's shard reads only its experts' keys.
     """
+    dtype = _alias("dtype", dtype, "torch_dtype", torch_dtype)
+    device = _alias("device", device, "device_map", device_map)
     fmt, compute_dtype = resolve_quantization(quantization, quantization_config)
     check_offload(offload, expert_slots)
     if shard is not None and (fmt or offload):
@@ -155,12 +163,24 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     if offload is not None:
         offload_experts(model, expert_slots, None if str(device) == "auto" else device)
+    model.generation_config = model.generation_config.updated_from(directory / "generation_config.json")
     return model.eval()
 
 
 def _experts_on_host(placement: Placement) -> Placement:
     cpu = torch.device("cpu")
     return lambda key: cpu if ".mlp.experts." in key else placement(key)
+
+
+def _alias(name: str, value, alias: str, alias_value):
+    """``value``, or ``alias_value`` when the transformers spelling was used instead."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name}= or its alias {alias}=, not both")
+    if isinstance(alias_value, dict):
+        raise ValueError(f'{alias} must be a device or "auto"; per-module maps are not supported')
+    return alias_value
 
 
 def _resolve_stored_head(config: ErnieConfig, files: dict[str, Path]) -> ErnieConfig:
@@ -321,7 +341,8 @@ def save_model(
 ) -> Path:
     """Write ``model`` as a Hugging Face checkpoint that transformers and :func:`load_model` read.
 
-    Writes ``config.json`` (``model.config.to_hf_dict()`` with ``dtype`` set to what is stored) and
+    Writes ``config.json`` (``model.config.to_hf_dict()`` with ``dtype`` set to what is stored),
+    ``generation_config.json`` (``model.generation_config``) and
     safetensors in the hub key layout (per-expert keys; no ``lm_head.weight`` when tied), split into
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` when ``max_shard_size``
     (bytes, or ``"500MB"``/``"2GiB"``) needs more than one file. ``dtype`` defaults to the model's;
@@ -361,6 +382,8 @@ def save_model(
             config.pop(stale, None)
         config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = dataclasses.asdict(model.generation_config)  # the eos ids generate stops at
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         with tqdm(total=len(tensors), desc="saving", unit="tensor", disable=None, leave=False) as bar:
             write_checkpoint(tensors, materialise, tmp, limit, progress=bar)
         replace_dir(tmp, out, "checkpoint", overwrite=overwrite, replaceable=_checkpoint_files)
@@ -370,7 +393,7 @@ def save_model(
 def _checkpoint_files(folder: Path) -> set[str]:
     """What a foreign checkpoint gives up to ``save_model(..., overwrite=True)``: config.json, the
     single file, the index and the shards it lists (other ``*.safetensors`` such as adapters stay)."""
-    names = {"config.json", SINGLE_FILE, INDEX_FILE}
+    names = {"config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE}
     try:
         index = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
         names |= {str(f) for f in index.get("weight_map", {}).values()}

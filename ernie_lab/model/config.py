@@ -124,7 +124,7 @@ class ErnieConfig:
 
     @classmethod
     def preset(cls, name: str) -> ErnieConfig:
-        """Released shapes (``"21b-a3b"``, ``"300b-a47b"``), ``"bench"`` (BENCH.md) and ``"tiny"``."""
+        """Released shapes (``"21b-a3b"``, ``"300b-a47b"``), ``"bench"`` (README: speed) and ``"tiny"``."""
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
@@ -314,7 +314,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_layer_start_index=3,
         tie_word_embeddings=False,
     ),
-    # ../shared/BENCH.md: the 21B shape scaled to run on 2 CPU cores (~194M parameters).
+    # the bench config: the 21B shape scaled to run on 2 CPU cores (~194M parameters).
     "bench": dict(
         vocab_size=8192,
         hidden_size=512,

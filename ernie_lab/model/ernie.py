@@ -1,4 +1,4 @@
-"""ErnieMoE: ERNIE 4.5 MoE causal LM with hook points (DESIGN.md §2-§4).
+"""ErnieMoE: ERNIE 4.5 MoE causal LM with hook points (README: API tour, Hook points).
 
 Axis glossary (einops strings, docstrings and hook docs use exactly these words):
     batch    sequences in a batch            pos      query positions (tokens of this call)
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ernie_lab.model.config import ErnieConfig
+from ernie_lab.model.generation_config import GenerationConfig
 from ernie_lab.model.hook_points import HookPoint, HookRegistry
 from ernie_lab.model.kv_cache import KVCache, LayerKV
 from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_tables
@@ -78,6 +79,7 @@ class ErnieMoE(HookRegistry, nn.Module):
     def __init__(self, config: ErnieConfig, *, init: bool = True):
         super().__init__()
         self.config = config
+        self.generation_config = GenerationConfig.from_model_config(config)  # load_model reads the file's
         self.model = Backbone(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=config.use_bias)
         if config.tie_word_embeddings:
@@ -114,6 +116,11 @@ class ErnieMoE(HookRegistry, nn.Module):
         """Expert-offload counters summed over layers (``hits``, ``misses``, ``bytes_copied``) and
         per layer (``layers``); see :mod:`ernie_lab.model.offload`."""
         return offload_stats(self)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embedding: where ``input_ids`` go (as transformers' ``model.device``)."""
+        return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -3,7 +3,7 @@
 A :class:`HookPoint` is an identity on an activation until a hook is attached. It is a plain object,
 not an ``nn.Module``: an unhooked point costs one attribute test, so the plain forward pass stays as
 fast as a model without hook points. Points are named by the TransformerLens-style path of
-DESIGN.md §4 (``blocks.3.moe.hook_topk_idx``), independent of the checkpoint's module names.
+the README's hook table (``blocks.3.moe.hook_topk_idx``), independent of the checkpoint's module names.
 
 A hook is ``fn(tensor, hook) -> Tensor | None``; returning a tensor replaces the activation (same
 shape, dtype and device, else an error names the point). A backward hook is

@@ -1,4 +1,4 @@
-"""Activation patching: the clean/corrupted setup and batched patching grids (ANALYSES.md).
+"""Activation patching: the clean/corrupted setup and batched patching grids (README, Definitions).
 
 Method: Heimersheim & Nanda, "How to use and interpret activation patching" (2024). Two inputs of
 equal token length, clean x_c and corrupted x_r, and a metric m(logits). **Denoising** (default)
@@ -7,7 +7,7 @@ Call the run being patched the *base* and the run the activations come from the 
 
     effect = (m(patched) - m(base)) / (m(source) - m(base))
 
-For denoising this is ANALYSES.md's ``(m(patched) - m(x_r)) / (m(x_c) - m(x_r))`` exactly
+For denoising this is the usual ``(m(patched) - m(x_r)) / (m(x_c) - m(x_r))`` exactly
 (1 = fully restored, 0 = no effect); noising uses the mirrored form, so 0 still means "no effect"
 and 1 means "the metric moved all the way to the corrupted run's". ``1 - effect`` puts a noising
 value back on the clean(1)/corrupt(0) scale. When m(source) == m(base) the effect is 0/0: it is

@@ -1,4 +1,4 @@
-"""Activation patching of the MoE layers: routing patching and expert-output patching (ANALYSES.md).
+"""Activation patching of the MoE layers: routing patching and expert-output patching (README, Definitions).
 
 Routing patching takes ``hook_topk_idx`` and ``hook_topk_weights`` from the source run: the base
 run's experts still compute on the base run's inputs, but the source run decides which experts run

@@ -1,8 +1,9 @@
 """Plots of activation-patching DataFrames (``patching.py``, ``attribution.py``).
 
 Each function takes the tidy frame a grid returns and gives back a matplotlib ``Figure`` (built
-without pyplot, so nothing is left open; Jupyter shows a returned Figure). Effects use a diverging
-map centred on 0 (blue = restores the source run's metric, red = pushes the other way).
+without pyplot, so nothing is left open; Jupyter shows a returned Figure inline). Effects use the
+package's diverging map centred on 0 (``ernie_lab.plots.SIGNED_CMAP``: red = restores the source run's
+metric, blue = pushes the other way).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ernie_lab.patching.attribution import merge_effects
+from ernie_lab.plots import SIGNED_CMAP, NotebookFigure
 
 
 def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str) -> Figure:
@@ -20,9 +22,9 @@ def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: s
     vmax = max(float(finite.max()) if finite.size else 1.0, 1e-9)
     long_labels = max((len(t) for t in xticklabels), default=0) > 3
     height = 0.4 * data.shape[0] + 1.5 + (0.08 * max(len(t) for t in xticklabels) if long_labels else 0)
-    fig = Figure(figsize=(max(4.0, 0.45 * data.shape[1] + 2.5), max(3.0, height)))
+    fig = NotebookFigure(figsize=(max(4.0, 0.45 * data.shape[1] + 2.5), max(3.0, height)))
     ax = fig.subplots()
-    im = ax.imshow(data, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    im = ax.imshow(data, cmap=SIGNED_CMAP, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(data.shape[1]), xticklabels, rotation=90 if long_labels else 0)
     ax.set_yticks(range(data.shape[0]), [str(L) for L in table.index])
     ax.set_xlabel(xlabel)
@@ -68,7 +70,7 @@ def plot_attribution_vs_exact(exact_df: pd.DataFrame, attr_df: pd.DataFrame, val
     """Scatter of attribution-patching estimates against exact patching, with y = x and Pearson r."""
     merged = merge_effects(exact_df, attr_df, value).dropna()
     x, y = merged[f"{value}_exact"].to_numpy(), merged[f"{value}_attr"].to_numpy()
-    fig = Figure(figsize=(4.5, 4.5))
+    fig = NotebookFigure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     color = merged.get("layer")
     points = ax.scatter(x, y, c=color, cmap="viridis", s=18)

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ernie_lab.patching.metrics import Metric, reduce_metric
+from ernie_lab.plots import sequence_tokens, token_label
 
 Hooks = list[tuple[str, Callable]]
 RESIDUAL_HOOKS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -24,6 +25,20 @@ DIRECTIONS = ("denoising", "noising")
 
 
 # ---------------------------------------------------------------------------------------- setup
+def _check_layout(clean: torch.Tensor, corrupt: torch.Tensor) -> None:
+    """Every pair must change the same positions, or averaging over pairs would mix positions that
+    play different roles (the changed entity at position 7 in one pair, 9 in another)."""
+    changed = clean != corrupt  # [batch pos]
+    odd = (changed != changed[:1]).any(dim=1).nonzero().flatten().tolist()
+    if odd:
+        first, other = (changed[row].nonzero().flatten().tolist() for row in (0, odd[0]))
+        raise ValueError(
+            f"the pairs change different positions (pair 0: {first}, pair {odd[0]}: {other}); "
+            "patching averages over pairs per position, so every pair needs the same token layout. "
+            "Group pairs by layout (el.report.pair_batch does) or patch them separately."
+        )
+
+
 def _as_ids(ids, name: str) -> torch.Tensor:
     if isinstance(ids, str | bytes):
         raise TypeError(f"{name} must be token ids ([pos] or [batch pos]); encode the text with the tokenizer first")
@@ -61,6 +76,7 @@ class PatchingRuns:
             )
         if clean.shape[0] != corrupt.shape[0]:
             raise ValueError(f"clean_ids has {clean.shape[0]} prompts but corrupt_ids has {corrupt.shape[0]}")
+        _check_layout(clean, corrupt)
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if batch_size < 1:
@@ -105,16 +121,22 @@ class PatchingRuns:
         return {n: store[n] for n in names}
 
     def token_labels(self) -> list[str] | None:
-        """One label per position from the first prompt pair, or None without a tokenizer."""
+        """One label per position, or None without a tokenizer.
+
+        The first pair's token (spaces shown as ``␣``, :func:`~ernie_lab.plots.token_label`),
+        ``"clean/corrupt"`` where the pair differs, and a trailing ``…`` where the token at that
+        position varies across the pairs (e.g. different names in one template); the changed
+        positions are the same in every pair (checked on construction).
+        """
         if self.tokenizer is None:
             return None
-        labels = []
-        for ids in (self.clean_ids[0], self.corrupt_ids[0]):
-            if hasattr(self.tokenizer, "convert_ids_to_tokens"):
-                labels.append(list(self.tokenizer.convert_ids_to_tokens(ids.tolist())))
-            else:
-                labels.append([self.tokenizer.decode([i]) for i in ids.tolist()])
-        return [c if c == r else f"{c}/{r}" for c, r in zip(*labels, strict=True)]
+        clean, corrupt = self._tokens(self.clean_ids[0]), self._tokens(self.corrupt_ids[0])
+        labels = [c if c == r else f"{c}/{r}" for c, r in zip(clean, corrupt, strict=True)]
+        varies = ((self.clean_ids != self.clean_ids[:1]) | (self.corrupt_ids != self.corrupt_ids[:1])).any(0).tolist()
+        return [f"{label}…" if v else label for label, v in zip(labels, varies, strict=True)]
+
+    def _tokens(self, ids: torch.Tensor) -> list[str]:
+        return [token_label(t) for t in sequence_tokens(self.tokenizer, ids.tolist())]
 
     def _layers(self, layers, moe_only: bool = False) -> list[int]:
         cfg = self.model.config

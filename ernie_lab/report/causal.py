@@ -1,4 +1,4 @@
-"""Report runners for activation patching and expert ablation (ANALYSES.md). Each runner takes the
+"""Report runners for activation patching and expert ablation (README, Definitions). Each runner takes the
 report :class:`~ernie_lab.report.context.Context`, the section's resolved options and the
 :class:`~ernie_lab.report.context.Section` to fill."""
 
@@ -45,7 +45,10 @@ def run_routing_patching(ctx: Context, opts: dict, sec: Section) -> None:
     sec.note(describe_pairs(setup, batch))
     df = setup.routing()
     sec.table("routing", df, "n_rerouted: prompt positions whose expert set differs between the runs")
-    sec.figure("routing", bar_figure([f"L{L}" for L in df["layer"]], df["effect"], "routing patching", "effect"))
+    sec.figure(
+        "routing",
+        bar_figure([f"L{L}" for L in df["layer"]], df["effect"], "routing patching", "effect", xlabel="layer"),
+    )
     if opts["per_position"]:
         by_pos = setup.routing(per_position=True)
         sec.table("routing_by_position", by_pos, "routing patched at one position at a time")
@@ -138,7 +141,10 @@ def run_ablation_effect(ctx: Context, opts: dict, sec: Section) -> None:
     )  # fmt: skip
     sec.table("effect", df, "mean NLL per predicted token without and with the ablation, and the KL")
     sec.figure(
-        "delta_loss", bar_figure(df["group"].tolist(), df["delta_loss"], f"ablating {df['experts'][0]}", "Δloss")
+        "delta_loss",
+        bar_figure(
+            df["group"].tolist(), df["delta_loss"], f"ablating {df['experts'][0]}", "Δloss (nats)", xlabel="token group"
+        ),
     )
 
 

@@ -115,12 +115,16 @@ class Context:
 
 
 def describe_pairs(setup, batch: PairBatch) -> str:
-    """One line on the pairs a patching section used."""
+    """A few lines on the pairs a patching section used and how its positions are labelled."""
     return (
-        f"{len(batch.rows)} pair(s) of task {batch.task!r}, {batch.clean.shape[1]} tokens each; "
-        f"mean logit difference clean {setup.m_clean:.4f}, corrupt {setup.m_corrupt:.4f}. "
+        f"{len(batch.rows)} pair(s) of task {batch.task!r}, {batch.clean.shape[1]} tokens each, all with one "
+        f"token layout: clean and corrupt differ at position(s) {batch.changed} in every pair, so each "
+        "position is averaged over pairs where it plays the same role. "
+        f"Mean logit difference clean {setup.m_clean:.4f}, corrupt {setup.m_corrupt:.4f}. "
         f"First pair: {batch.rows[0]['clean']!r} -> {batch.rows[0]['answer']!r} vs "
-        f"{batch.rows[0]['corrupt']!r} -> {batch.rows[0]['distractor']!r}."
+        f"{batch.rows[0]['corrupt']!r} -> {batch.rows[0]['distractor']!r}. "
+        "Position labels: the first pair's tokens (␣ = a space), clean/corrupt where they differ, "
+        "… where the token varies across pairs."
     )
 
 

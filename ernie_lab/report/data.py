@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -120,7 +120,7 @@ def _select(rows: list[dict], ds: dict, group_field: str | None, seed: int, name
 @dataclass
 class PairBatch:
     """Clean/corrupt token ids ``[batch pos]`` of equal length, answer and distractor ids ``[batch]``,
-    and the dataset rows they came from."""
+    the dataset rows they came from and the positions where every clean/corrupt pair differs."""
 
     clean: torch.Tensor
     corrupt: torch.Tensor
@@ -128,6 +128,7 @@ class PairBatch:
     distractor: torch.Tensor
     rows: list[dict]
     task: str | None
+    changed: list[int] = field(default_factory=list)
 
     def metric(self):
         """Logit difference ``logit[answer] - logit[distractor]`` at the last position, per prompt."""
@@ -137,10 +138,14 @@ class PairBatch:
 
 def pair_batch(tokenizer: Any, rows: list[dict], task: str | None = None, n_pairs: int = 8) -> PairBatch:
     """Up to ``n_pairs`` pairs that can be patched together: of ``task`` (default: the first row's task),
-    clean and corrupt of equal token length, all of the most common such length.
+    clean and corrupt of equal token length, all with the same token layout (the most common one).
 
-    Answer and distractor are the first token of their text (the toy prompt sets make them single
-    tokens); pairs where those coincide are skipped. Raises ValueError when no pair qualifies.
+    Layout = (token length, positions where clean and corrupt differ): patching grids average the
+    pairs position by position, so only pairs whose changed tokens sit at the same positions are
+    averaged (prompts of one template, e.g. the entity at position 10 of 12). Ties between layouts go
+    to the one seen first. Answer and distractor are the first token of their text (the toy prompt
+    sets make them single tokens); pairs where those coincide are skipped. Raises ValueError when no
+    pair qualifies.
     """
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
@@ -156,9 +161,9 @@ def pair_batch(tokenizer: Any, rows: list[dict], task: str | None = None, n_pair
     if not usable:
         tasks = sorted({str(r.get("task")) for r in rows})
         raise ValueError(f"no usable clean/corrupt pair for task {task!r} (equal token length needed); tasks: {tasks}")
-    # the most common length; ties go to the length seen first
-    length = Counter(len(u[1]) for u in usable).most_common(1)[0][0]
-    picked = [u for u in usable if len(u[1]) == length][:n_pairs]
+    layouts = [_layout(u[1], u[2]) for u in usable]
+    layout = Counter(layouts).most_common(1)[0][0]  # Counter keeps first-seen order among ties
+    picked = [u for u, lay in zip(usable, layouts, strict=True) if lay == layout][:n_pairs]
     return PairBatch(
         clean=torch.tensor([u[1] for u in picked], dtype=torch.long),
         corrupt=torch.tensor([u[2] for u in picked], dtype=torch.long),
@@ -166,4 +171,10 @@ def pair_batch(tokenizer: Any, rows: list[dict], task: str | None = None, n_pair
         distractor=torch.tensor([u[4] for u in picked], dtype=torch.long),
         rows=[u[0] for u in picked],
         task=task,
+        changed=list(layout[1]),
     )
+
+
+def _layout(clean: list[int], corrupt: list[int]) -> tuple[int, tuple[int, ...]]:
+    """(token length, positions where the pair differs)."""
+    return len(clean), tuple(i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b)

@@ -1,4 +1,4 @@
-"""Report runners for the expert-level analyses and the routing additions (ANALYSES.md "Expert-level
+"""Report runners for the expert-level analyses and the routing additions (README "Definitions", "Expert-level
 analyses"). Each runner takes the report :class:`~ernie_lab.report.context.Context`, the section's
 resolved options and the :class:`~ernie_lab.report.context.Section` to fill."""
 

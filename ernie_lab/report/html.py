@@ -10,6 +10,8 @@ import jinja2
 import pandas as pd
 from markupsafe import Markup
 
+from ernie_lab.plots import token_label
+from ernie_lab.report.columns import describe_columns
 from ernie_lab.report.spec import KINDS
 
 # rows of a table shown in the page; the CSV next to it has all of them
@@ -83,6 +85,8 @@ code { background: #f5f5f5; padding: 0 0.2em; }
   {%- if t.n_rows > max_rows %}, first {{ max_rows }} shown{% endif %})
   {%- if t.caption %}: {{ t.caption }}{% endif %}</p>
 {{ t.html }}
+<p class="caption">columns: {% for name, meaning in t.columns %}<code>{{ name }}</code> {{ meaning
+  }}{{ "; " if not loop.last }}{% endfor %}</p>
 {% endfor %}
 {% endfor %}
 {% endfor %}
@@ -96,8 +100,12 @@ def _float(x: float) -> str:
 
 
 def table_html(df: pd.DataFrame) -> str:
-    """The first :data:`MAX_ROWS` rows as an escaped HTML table with compact floats."""
-    return df.head(MAX_ROWS).to_html(index=False, classes="data", border=0, float_format=_float, na_rep="nan")
+    """The first :data:`MAX_ROWS` rows as an escaped HTML table with compact floats; token texts show
+    their spaces (``␣``), which HTML would otherwise collapse."""
+    shown = df.head(MAX_ROWS).copy()
+    if "token" in shown:
+        shown["token"] = shown["token"].map(lambda t: token_label(t) if isinstance(t, str) else t)
+    return shown.to_html(index=False, classes="data", border=0, float_format=_float, na_rep="nan")
 
 
 def render(title: str, spec: dict, manifest: dict, datasets: list[dict], sections: list[dict], root: Path) -> str:
@@ -114,7 +122,13 @@ def render(title: str, spec: dict, manifest: dict, datasets: list[dict], section
             for f in s["figures"]
         ]
         tables = [
-            {"file": t["file"], "caption": t["caption"], "n_rows": len(t["frame"]), "html": table_html(t["frame"])}
+            {
+                "file": t["file"],
+                "caption": t["caption"],
+                "n_rows": len(t["frame"]),
+                "html": table_html(t["frame"]),
+                "columns": describe_columns(t["frame"].columns),
+            }
             for t in s["tables"]
         ]
         kind = KINDS[s["kind"]]

@@ -1,4 +1,4 @@
-"""Report runners for the routing statistics (ANALYSES.md, "Routing statistics") and for routing
+"""Report runners for the routing statistics (README, Definitions: "Routing statistics") and for routing
 under a hook recipe. Each runner takes the report :class:`~ernie_lab.report.context.Context`, the
 section's resolved options and the :class:`~ernie_lab.report.context.Section` to fill."""
 
@@ -10,9 +10,9 @@ import torch
 
 from ernie_lab import routing as rt
 from ernie_lab.ablation.effects import token_nll
-from ernie_lab.interventions import load_recipe
 from ernie_lab.io.datasets import as_sequences, iter_batches
 from ernie_lab.plots import diverging_heatmap, line_figure
+from ernie_lab.recipes import load_recipe
 from ernie_lab.report.context import Context, Section, normalise_params
 from ernie_lab.routing.stats import load_difference
 

@@ -60,9 +60,10 @@ def run_report(
     progress: bool = True,
     overwrite: bool = False,
     trust_recipes: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """Run ``spec`` (a dict, a YAML/TOML path, or None for the default spec) and write the report
-    folder ``out_dir``; returns its path.
+    folder ``out_dir``; returns its path. ``threads`` (torch CPU threads) overrides the spec's key.
 
     ``quick=True`` merges the spec's ``quick`` overrides (smaller datasets, fewer layers) for a fast
     run. An existing ``out_dir`` is replaced only when it is empty or an earlier report (its
@@ -74,6 +75,10 @@ def run_report(
 
     runners = {**ROUTING, **CAUSAL, **EXPERTS}
     resolved = resolve_spec(spec, quick=quick, trust_recipes=trust_recipes)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SpecError(f"threads: must be an integer >= 1, got {threads!r}")
+        resolved["threads"] = threads  # recorded in the manifest like the spec's own value
     out_dir = destination(out_dir)
     check_destination(out_dir, "report", overwrite)
     tokenizer = load_tokenizer(resolved["tokenizer"] or resolved["model"])

@@ -37,9 +37,9 @@ from typing import Any
 
 import yaml
 
-from ernie_lab.interventions import is_recipe_name, list_recipes, load_recipe
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
+from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
 
 DEFAULT_SPEC = Path(__file__).with_name("default.yaml")
 

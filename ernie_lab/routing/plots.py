@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ernie_lab.plots import heatmap, new_figure, pivot
+from ernie_lab.plots import SIGNED_CMAP, heatmap, new_figure, pivot
 
 
 def _one_layer(df: pd.DataFrame, layer: int | None, what: str) -> tuple[pd.DataFrame, int]:
@@ -30,7 +30,7 @@ def plot_load_heatmap(df: pd.DataFrame, value: str = "load") -> Figure:
     n_expert = table.shape[1]
     fig, ax = new_figure(figsize=(max(6.0, 0.18 * n_expert + 2), max(2.5, 0.3 * len(table) + 1.5)))
     center = 1.0 / n_expert if value in ("load", "wload", "mean_prob") else None
-    heatmap(ax, table, cmap="RdBu_r", center=center, label=value)
+    heatmap(ax, table, cmap=SIGNED_CMAP, center=center, label=value)
     ax.set_title(f"expert {value} per MoE layer (uniform = 1/{n_expert})")
     return fig
 
@@ -62,7 +62,7 @@ def plot_specialisation(
     if top is not None:
         table = table[table.max(axis=0).sort_values(ascending=False).index[:top]]
     fig, ax = new_figure(figsize=(max(6.0, 0.22 * table.shape[1] + 2.5), max(2.5, 0.35 * len(table) + 1.5)))
-    heatmap(ax, table, cmap="RdBu_r", center=1.0 if value == "lift" else None, label=value)
+    heatmap(ax, table, cmap=SIGNED_CMAP, center=1.0 if value == "lift" else None, label=value)
     ax.set_title(f"layer {layer}: expert {value} per group" + (f" (top {top} experts)" if top else ""))
     return fig
 

@@ -1,7 +1,7 @@
 """Where a router's logits come from: the residual stream feeding MoE layer L is a sum of components
 (embedding, every attention output up to L, every MLP/MoE output before L), and with the RMS of the
 router input frozen the router is linear in them, so its logits split exactly into one part per
-component (ANALYSES.md "Router-logit sources").
+component (README "Definitions", router-logit sources).
 
 Axes: component batch pos d_model expert. ``n(h) = gamma * h / rms(h)``, ``logits = W_r n(h)``.
 """

@@ -1,6 +1,6 @@
-"""Routing statistics of ANALYSES.md, computed from a :class:`~ernie_lab.routing.record.Routing`.
+"""Routing statistics (formulas: README, Definitions), computed from a :class:`~ernie_lab.routing.record.Routing`.
 
-Every function returns a tidy DataFrame (one row per observation). Notation (ANALYSES.md): N real
+Every function returns a tidy DataFrame (one row per observation). Notation (README, Definitions): N real
 tokens t, E routed experts, top-k sets S_t, unbiased router probabilities p_{t,e}, renormalised
 weights w_{t,e}. Axes: layer N expert topk, as in ``Routing``.
 """
@@ -240,7 +240,7 @@ def vocab_specialisation(
     their sequence are left out, and loads are taken over the tokens kept).
 
     For token id v with ``n_v >= min_count`` occurrences: ``vspec(e, v) = #{t: x_t = v, e in S_t} / n_v``
-    and ``lift = vspec(e, v) / load_e / k`` (1 = the expert takes v as often as any token; ANALYSES.md).
+    and ``lift = vspec(e, v) / load_e / k`` (1 = the expert takes v as often as any token).
     Experts with zero load are skipped (lift undefined). Ties in lift go to the more frequent token.
 
     Columns: layer, expert, rank (1 = highest lift), token_id, [token], n_v, hits, vspec, lift.

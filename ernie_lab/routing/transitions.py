@@ -2,7 +2,7 @@
 the normalised mutual information of the two choices, and the most frequent expert paths.
 
 Axes: layer N topk expert, as ``Routing``; top-1 is the first slot of ``hook_topk_idx`` (the highest
-bias-corrected selection score). Formulas: ANALYSES.md "Transitions".
+bias-corrected selection score). Formulas: README "Definitions".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Chat-formatted documents, so the toy model learns the ERNIE 4.5 chat format.
 
 ``format_chat`` renders messages exactly as ``ernie_lab.io.tokenizer.ERNIE_CHAT_TEMPLATE`` does
-(DESIGN.md section 2): ``<|begin_of_sentence|>``, then ``{system}\\n``, ``User: {text}\\n`` and
+(the hub chat_template's format): ``<|begin_of_sentence|>``, then ``{system}\\n``, ``User: {text}\\n`` and
 ``Assistant: {text}<|end_of_sentence|>`` per message, and ``Assistant: `` as generation prompt.
 The assistant answers recall questions about the invented world and arithmetic questions.
 """

@@ -112,7 +112,7 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     out["reroute"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
     out["reroute_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
     _, source = one.run_with_cache(IDS.flip(-1), names_filter="blocks.*.moe.hook_expert_out")
-    hooks = patch_from_cache(source, "blocks.2.moe.hook_expert_out", positions=[3, 4], index=1)
+    hooks = patch_from_cache(one, source, "blocks.2.moe.hook_expert_out", positions=[3, 4], index=1)
     out["patch"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=hooks), one.run_with_hooks(IDS, fwd_hooks=hooks))
     out["patch_effect"] = _diff(one.run_with_hooks(IDS, fwd_hooks=hooks), base)
 

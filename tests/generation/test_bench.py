@@ -1,6 +1,6 @@
 """Smoke test of ``ernie-lab bench --quick``: the table has every figure, finite and positive.
 
-Speed itself is not asserted (BENCH.md: ratios are read from the printed table, not tested).
+Speed itself is not asserted (ratios are read from the printed table, not tested).
 """
 
 from __future__ import annotations

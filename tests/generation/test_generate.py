@@ -3,7 +3,10 @@ hooks at every step, activation caches over a generation, chat and the ``generat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from conftest import save_hf_checkpoint
 
 from ernie_lab.cli import main
 from ernie_lab.generation.generate import chat, generate, stream
-from ernie_lab.io.weights import load_model
+from ernie_lab.io.weights import load_model, save_model
 from ernie_lab.model.kv_cache import KVCache
 
 VOCAB = 128  # conftest.TINY_HF
@@ -68,7 +71,7 @@ def test_greedy_matches_transformers(pairs, name):
             min_new_tokens=new,
             pad_token_id=0,
         )
-    got = generate(ours, ids, max_new_tokens=new)
+    got = generate(ours, ids, max_new_tokens=new, eos_token_id=())  # as min_new_tokens: never stop early
     assert got.shape == (2, 6 + new)
     assert torch.equal(got, ref)
 
@@ -359,3 +362,26 @@ def test_generate_command_streams_text(chat_dir, capsys):
     assert printed == "Once upon" + tok.decode(new, skip_special_tokens=True).rstrip("\ufffd") + "\n"
     assert main(["generate", str(chat_dir), "--prompt", "Hi", "--chat", "--max-new-tokens", "3", "--no-progress"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+# ----------------------------------------------------------------------------- eos default
+def test_eos_defaults_to_generation_config_and_empty_disables(model):
+    ids = prompt(batch=1, pos=5, seed=4)
+    free = generate(model, ids, max_new_tokens=8, eos_token_id=())
+    eos = int(free[0, 5 + 1])
+    assert eos != int(free[0, 5])
+    saved = model.generation_config
+    try:
+        model.generation_config = dataclasses.replace(saved, eos_token_id=[VOCAB - 1, eos])
+        assert generate(model, ids, max_new_tokens=8).shape == (1, 5 + 2)  # like transformers: config's eos
+        assert torch.equal(generate(model, ids, max_new_tokens=8, eos_token_id=()), free)
+    finally:
+        model.generation_config = saved
+
+
+def test_load_model_reads_generation_config(tmp_path):
+    toy = load_model("toy")
+    assert load_model(save_model(toy, tmp_path / "copy")).generation_config == toy.generation_config
+    stored = json.loads((Path(__file__).parents[2] / "data/toy/generation_config.json").read_text())
+    assert toy.generation_config.eos_token_ids == stored["eos_token_id"] != toy.config.eos_token_id
+    assert toy.generation_config.pad_token_id == stored["pad_token_id"]

@@ -287,7 +287,7 @@ def test_fallback_template_when_config_has_none(tmp_path, models):
         {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "Bye"},
     ]
-    # the format of DESIGN.md section 2, written out by hand
+    # the ERNIE 4.5 chat format, written out by hand
     turns = f"{CLS}Be brief.\nUser: Hi\nAssistant: Hello{SEP}User: Bye\n"
     assert tok.apply_chat_template(chat) == turns
     assert tok.apply_chat_template(chat, add_generation_prompt=True) == turns + "Assistant: "

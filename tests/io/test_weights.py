@@ -122,7 +122,13 @@ def test_save_model_replaces_atomically_and_keeps_other_files(hf_checkpoint, tmp
     save_model(model, out, max_shard_size="30KB")
     (out / "tokenizer.json").write_text("{}")
     save_model(model, out)  # sharded -> single file
-    assert sorted(p.name for p in out.iterdir()) == [".ernie_lab.json", "config.json", SINGLE_FILE, "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".ernie_lab.json",
+        "config.json",
+        "generation_config.json",
+        SINGLE_FILE,
+        "tokenizer.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "saved"]  # no temp or backup left
 
     def crash(*args, **kwargs):

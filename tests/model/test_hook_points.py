@@ -11,7 +11,7 @@ from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.hook_points import HookError
 
-# DESIGN.md §4, written out independently of model.hook_shape
+# the README's hook table, written out independently of model.hook_shape
 ATTN = {
     "hook_q": "batch pos head d_head",
     "hook_k": "batch pos kv_head d_head",

@@ -372,3 +372,27 @@ def test_plots(setup):
     attr = setup.attribution("resid_pre")
     fig = P.plot_attribution_vs_exact(grid, attr)
     assert "r = " in fig.axes[0].get_title()
+
+
+def test_pairs_of_two_templates_are_not_averaged(model):
+    """Pairs that change different positions cannot share a grid: a clear error, before any run."""
+    clean, corrupt = pair(seed=3, batch=2)
+    corrupt[1] = clean[1]
+    corrupt[1, DIFF + 1] = (clean[1, DIFF + 1] + 7) % 512  # pair 1 changes the next position instead
+    with pytest.raises(ValueError, match=r"pair 0: \[3\], pair 1: \[4\].*same token layout"):
+        P.PatchingSetup(model, clean, corrupt, P.logit_diff(5, 6), progress=False)
+
+
+def test_labels_mark_positions_whose_token_varies_across_pairs(model):
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return [" a" if i == 0 else f"t{i}" for i in ids]
+
+    clean, corrupt = pair(seed=3, batch=2)
+    clean[:, 0] = 0  # shared by both pairs, a token with a leading space
+    corrupt[:, 0] = 0
+    s = P.PatchingSetup(model, clean, corrupt, P.logit_diff(5, 6), tokenizer=Tok(), progress=False)
+    labels = s.token_labels()
+    assert labels[0] == "␣a"
+    assert labels[1] == f"t{clean[0, 1].item()}…"  # random tokens differ between the two pairs
+    assert labels[DIFF] == f"t{clean[0, DIFF].item()}/t{corrupt[0, DIFF].item()}…"

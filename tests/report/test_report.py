@@ -1,32 +1,49 @@
 """Reports: the default spec in quick mode writes a complete folder, reruns give the same bytes, bad
-specs fail before anything is written, recipes named in a spec load and run."""
+specs fail before anything is written, recipes named in a spec load and run, and the default report
+renders in a real browser (headless Chromium)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from markupsafe import escape
+from matplotlib.figure import Figure
 
 from ernie_lab import cli
 from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.report.causal import RUNNERS as CAUSAL
+from ernie_lab.report.context import Section
 from ernie_lab.report.data import pair_batch, resolve_dataset
 from ernie_lab.report.experts import RUNNERS as EXPERTS
 from ernie_lab.report.routing import RUNNERS as ROUTING
 from ernie_lab.report.runner import run_report
 from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
 
+FIGURES: list[tuple[str, str, Figure]] = []  # (section, name, figure) of the first default report
+
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> tuple[Path, Path]:
-    """The default spec in quick mode, run twice into two folders."""
+    """The default spec in quick mode, run twice into two folders (the first run's figures kept)."""
     root = tmp_path_factory.mktemp("reports")
-    first = run_report(None, root / "a", quick=True, progress=False)
+    add_figure = Section.figure
+
+    def recording(section, name, fig, caption=""):
+        FIGURES.append((section.id, name, fig))
+        add_figure(section, name, fig, caption)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Section, "figure", recording)
+        first = run_report(None, root / "a", quick=True, progress=False)
     second = run_report(None, root / "b", quick=True, progress=False)
     return first, second
 
@@ -256,6 +273,27 @@ def test_dataset_selection_and_pair_batches():
         pair_batch(tok, pairs.rows, task="no_such_task")
 
 
+def test_pair_batch_takes_pairs_of_one_layout_only():
+    """Two templates of equal length whose entity sits at different positions are never mixed."""
+    tok = load_tokenizer("toy")
+    row = {"task": "recall", "answer": " Corvi", "distractor": " Ulmet"}
+    rows = [
+        {**row, "clean": "The capital of Pellune is", "corrupt": "The capital of Gorvast is"},
+        {**row, "clean": "Pellune is the capital of", "corrupt": "Gorvast is the capital of"},
+        {**row, "clean": "Pellune is the capital of", "corrupt": "Gorvast is the capital of"},
+    ]
+    lengths = {len(tok.encode(r["clean"])) for r in rows} | {len(tok.encode(r["corrupt"])) for r in rows}
+    assert len(lengths) == 1, "the test needs two templates of one token length"
+    batch = pair_batch(tok, rows, n_pairs=8)
+    assert batch.rows == rows[1:]  # the layout with more pairs; the first template is left out
+    changed = (batch.clean != batch.corrupt).nonzero()[:, 1].unique().tolist()
+    assert (
+        batch.changed
+        == changed
+        == [i for i, t in enumerate(tok.encode(rows[1]["clean"])) if t != tok.encode(rows[1]["corrupt"])[i]]
+    )
+
+
 def test_cli_reports_errors_and_writes(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"analyses": {"frobnicate": {}}}))
@@ -268,3 +306,67 @@ def test_cli_reports_errors_and_writes(tmp_path, capsys):
     )
     assert cli.main(["report", str(good), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out" / "index.html").is_file() and "index.html" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------- legibility
+def test_every_axis_is_labelled(reports):
+    assert FIGURES
+    unlabelled = []
+    for sid, name, fig in FIGURES:
+        for ax in fig.axes:
+            twin = any(other is not ax and ax.get_shared_x_axes().joined(ax, other) for other in fig.axes)
+            needs = ("y",) if ax.get_label() == "<colorbar>" or twin else ("x", "y")
+            if any(not getattr(ax, f"get_{a}label")() for a in needs):
+                unlabelled.append(f"{sid}/{name}: {ax.get_title()!r}")
+    assert unlabelled == []
+
+
+def test_every_table_column_is_explained_and_tokens_show_spaces(reports):
+    page = (reports[0] / "index.html").read_text(encoding="utf-8")
+    assert "not described" not in page
+    for csv in (reports[0] / "tables").glob("*.csv"):
+        for column in pd.read_csv(csv, nrows=1).columns:
+            assert f"<code>{column}</code>" in page, f"{csv.name}: column {column} is not explained"
+    tokens = pd.read_csv(reports[0] / "tables" / "vocab_specialisation_top_tokens.csv", keep_default_na=False)["token"]
+    spaced = next(t for t in tokens if t.startswith(" ") and t.strip())
+    assert f"<td>␣{spaced.strip()}</td>" in page  # HTML would collapse the space
+    assert any("\u4e00" <= ch <= "\u9fff" for t in tokens for ch in t)  # Chinese shown as characters
+    assert not any("\\x" in t for t in tokens), "byte escapes in token labels"
+
+
+# --------------------------------------------------------------------------------------- browser
+def _chromium() -> str | None:
+    """Debian's chromium (``.ci/run`` installs it with playwright); None when either is missing."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None or importlib.util.find_spec("playwright") is None:
+        return None
+    return browser
+
+
+def test_default_report_renders_in_a_real_browser(reports):
+    """Headless Chromium opens the default report: every image decodes and the page raises nothing."""
+    browser_path = _chromium()
+    if browser_path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must test the report in a browser: install chromium and playwright (see .ci/run)")
+        pytest.skip("needs the chromium package and playwright (pip install -e '.[dev]')")
+    from playwright.sync_api import sync_playwright
+
+    index = reports[0] / "index.html"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])  # CI runs as root
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+            page.on("console", lambda msg: problems.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("requestfailed", lambda req: problems.append(f"failed to load {req.url[:80]}"))
+            page.goto(index.as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({src: e.src.slice(0, 40), ok: e.complete && e.naturalWidth > 0}))"
+            )
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == len(list((reports[0] / "figures").glob("*.png"))) > 0
+    assert [i["src"] for i in images if not i["ok"]] == [], "images that did not load"

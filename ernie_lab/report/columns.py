@@ -1,0 +1,92 @@
+"""What each column of a report table means: one glossary, shown under every table of the page.
+
+A column missing here is listed as "not described" in the page, and the report tests fail on it, so a
+new analysis brings its column descriptions along. Formulas: README, *Definitions*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+COLUMNS = {
+    # keys
+    "layer": "layer index (MoE layers for routing statistics)",
+    "layer_b": "the layer of the other run it is compared with",
+    "expert": "routed expert index",
+    "i": "expert of the row (co-activation from i)",
+    "j": "expert of the column (co-activation to j)",
+    "group": "token group (the document's domain; 'all' = every token)",
+    "hook": "hook point patched (blocks.L.hook_<hook>)",
+    "pos": "token position in the prompt",
+    "token": "the token (␣ = a space; patching: clean/corrupt where they differ, … = varies across pairs)",
+    "head": "attention head",
+    "batch": "prompt (row of the batch)",
+    "component": "model part the contribution comes from",
+    "slot": "top-k slot (0 = highest weight)",
+    "label": "readable name of the component",
+    "rank": "rank within its layer / expert (1 = largest)",
+    "token_id": "token id",
+    "mode": "ablation mode (zero, reroute or mean)",
+    "experts": "experts ablated together ({layer: [expert, ...]})",
+    "ablated": "experts ablated together at this step",
+    "order_by": "what ranks the experts pruned first",
+    # counts
+    "n_tokens": "real tokens counted (padding excluded)",
+    "count": "tokens routed to the expert (co-activation: to both i and j)",
+    "n": "tokens summarised",
+    "n_v": "times the token occurs in the dataset",
+    "hits": "occurrences of the token routed to the expert",
+    "n_positions": "prompt positions where the expert runs in both runs (0 = nothing patched)",
+    "n_rerouted": "prompt positions whose expert set differs between the clean and corrupted runs",
+    "n_ablated": "experts ablated",
+    "n_changed": "tokens whose expert set the correction bias changes",
+    # routing statistics
+    "load": "share of routing slots going to the expert (uniform = 1/E)",
+    "wload": "mean routing weight the expert gets per token (weighted load)",
+    "mean_prob": "mean router probability of the expert",
+    "cv": "coefficient of variation of the load (0 = even)",
+    "max_vio": "(max load - 1/E) / (1/E): how far the busiest expert exceeds an even share",
+    "load_entropy": "entropy of the load / log E (1 = even)",
+    "frac_changed": "share of tokens whose expert set the correction bias changes",
+    "mean_swapped": "mean number of a token's k experts that the correction bias swaps in",
+    "frac": "count / tokens routed to i",
+    "spec": "share of the group's tokens routed to the expert (uniform = k/E)",
+    "lift": "how many times more often than uniform (1 = uniform)",
+    "vspec": "hits / n_v: share of the token's occurrences routed to the expert",
+    "entropy": "mean router entropy / log E (1 = the router cannot decide)",
+    "value": "the statistic summarised (router entropy / log E, or top-k confidence)",
+    "mean": "mean over tokens",
+    "std": "standard deviation over tokens",
+    "q10": "10th percentile over tokens",
+    "median": "median over tokens",
+    "q90": "90th percentile over tokens",
+    "shared_norm": "mean L2 norm of the shared experts' output",
+    "routed_norm": "mean L2 norm of the routed experts' weighted output",
+    "norm_ratio": "shared_norm / routed_norm",
+    "cosine": "mean cosine between the shared and routed outputs",
+    "load_base": "load without the recipe",
+    "load_other": "load with the recipe",
+    "diff": "load_other - load_base",
+    "overlap": "mean share of a token's k experts that both runs select",
+    "identical": "share of tokens with the same expert set in both runs",
+    # patching
+    "metric": "mean patched metric (logit difference answer - distractor at the last position)",
+    "effect": "normalised effect: 0 = no change, 1 = fully restored (README, Definitions)",
+    "effect_exact": "normalised effect of exact activation patching",
+    "effect_attr": "normalised effect estimated by attribution patching",
+    # ablation
+    "nll_base": "mean next-token NLL (nats) without the intervention",
+    "nll_ablated": "mean next-token NLL (nats) with the experts ablated",
+    "nll_recipe": "mean next-token NLL (nats) with the recipe",
+    "delta_loss": "NLL with the intervention - NLL without (nats; > 0 = the model got worse)",
+    "kl": "mean KL(p_base || p_ablated) of the next-token distribution (nats)",
+    "frac_ablated": "share of the layer's experts ablated",
+    "loss": "mean next-token NLL (nats)",
+    "weight": "routing weight of the expert for that token",
+    "contribution": "direct contribution to logit[answer] - logit[distractor]",
+}
+
+
+def describe_columns(columns: Iterable[str]) -> list[tuple[str, str]]:
+    """``(column, meaning)`` for each column; an unknown column is marked "not described"."""
+    return [(str(c), COLUMNS.get(str(c), "not described")) for c in columns]
