@@ -19,7 +19,7 @@ RANK = {
     "distributed": 2.5,  # loads checkpoint slices (io); generation and analyses use its broadcast/split
     "generation": 3,
     "interventions": 3,
-    "recipes": 3,
+    "recipes": 2,
     "routing": 4,
     "patching": 5,
     "ablation": 5,

@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.generation.generate import check_sampling, stream
+    from ernie_lab.generation.generate import stream
+    from ernie_lab.generation.options import check_sampling
     from ernie_lab.io.tokenizer import load_tokenizer
     from ernie_lab.io.weights import load_model
 

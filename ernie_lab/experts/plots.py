@@ -62,6 +62,7 @@ def plot_risk_difference(df: pd.DataFrame, top: int = 20) -> Figure:
     ax.bar(range(len(sub)), sub["rd"], color=colors)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(sub)), labels, rotation=90)
+    ax.set_xlabel("layer, expert")
     ax.set_ylabel("rd = p_a - p_b")
     ax.set_title("experts selected more on set A (red) or B (blue)")
     return fig

@@ -32,7 +32,10 @@ COLUMNS = {
     "order_by": "what ranks the experts pruned first",
     # counts
     "n_tokens": "real tokens counted (padding excluded)",
-    "count": "tokens routed to the expert (co-activation: to both i and j)",
+    "count": (
+        "tokens routed to the expert (co-activation: to both i and j; transitions: top-1 i at layer_a and j "
+        "at layer_b; paths: tokens taking the path)"
+    ),
     "n": "tokens summarised",
     "n_v": "times the token occurs in the dataset",
     "hits": "occurrences of the token routed to the expert",
@@ -49,7 +52,7 @@ COLUMNS = {
     "load_entropy": "entropy of the load / log E (1 = even)",
     "frac_changed": "share of tokens whose expert set the correction bias changes",
     "mean_swapped": "mean number of a token's k experts that the correction bias swaps in",
-    "frac": "count / tokens routed to i",
+    "frac": "count / tokens routed to i (paths: count / all tokens)",
     "spec": "share of the group's tokens routed to the expert (uniform = k/E)",
     "lift": "how many times more often than uniform (1 = uniform)",
     "vspec": "hits / n_v: share of the token's occurrences routed to the expert",
@@ -63,11 +66,17 @@ COLUMNS = {
     "shared_norm": "mean L2 norm of the shared experts' output",
     "routed_norm": "mean L2 norm of the routed experts' weighted output",
     "norm_ratio": "shared_norm / routed_norm",
-    "cosine": "mean cosine between the shared and routed outputs",
+    "cosine": (
+        "mean cosine between the shared and routed outputs (truncation lens: between the MoE output with "
+        "the top-k' experts and with all k)"
+    ),
     "load_base": "load without the recipe",
     "load_other": "load with the recipe",
     "diff": "load_other - load_base",
-    "overlap": "mean share of a token's k experts that both runs select",
+    "overlap": (
+        "mean share of a token's k experts that both runs select (persistence: share of consecutive token "
+        "pairs whose expert sets intersect)"
+    ),
     "identical": "share of tokens with the same expert set in both runs",
     # patching
     "metric": "mean patched metric (logit difference answer - distractor at the last position)",
@@ -84,6 +93,54 @@ COLUMNS = {
     "loss": "mean next-token NLL (nats)",
     "weight": "routing weight of the expert for that token",
     "contribution": "direct contribution to logit[answer] - logit[distractor]",
+    # expert-level analyses and routing additions (README, Definitions)
+    "frequency": "|X_e| / N: share of tokens that select the expert",
+    "weighted_frequency": "sum of the expert's routing weights / N",
+    "ean_mean": "mean L2 norm of the expert's unweighted output over the tokens that select it",
+    "reap": "REAP: mean over the tokens that select the expert of weight x L2 norm of its output",
+    "easy_ep": "EASY-EP: sum of weight x output norm x (1 - cos(MoE input, MoE output)) / N",
+    "peak": "largest |output| of the expert over tokens and channels",
+    "peak_rank": "rank of the peak among every expert of the model (1 = loudest)",
+    "is_super": "peak above both the quantile of all peaks and rel x the largest peak",
+    "max_norm_base": "largest residual-stream norm (resid_post) of the layer without the ablation",
+    "max_norm_ablated": "largest residual-stream norm of the layer with the super experts ablated",
+    "first_attn_base": "mean attention mass on the first position without the ablation",
+    "first_attn_ablated": "mean attention mass on the first position with the super experts ablated",
+    "p_a": "share of set A's tokens that select the expert",
+    "p_b": "share of set B's tokens that select the expert",
+    "rd": "risk difference p_a - p_b (> 0: the expert prefers set A)",
+    "n_a": "tokens of set A counted",
+    "n_b": "tokens of set B counted",
+    "run": "generation without or with expert steering",
+    "continuation": "greedy continuation of the prompt",
+    "mean_weight": "mean routing weight the forced-on expert gets (its renormalised probability)",
+    "min_weight": "smallest routing weight the forced-on expert gets",
+    "n_pairs": "consecutive token pairs of one sequence counted",
+    "top1_repeat": "share of consecutive token pairs with the same top-1 expert",
+    "top1_repeat_chance": "the same for random routing: 1/E",
+    "overlap_chance": "the same for random routing: 1 - C(E-k, k) / C(E, k)",
+    "jaccard": "mean Jaccard index of the expert sets of consecutive tokens",
+    "jaccard_chance": "expected Jaccard index of two random k-sets",
+    "layer_a": "the earlier layer of the pair",
+    "prob": "P(top-1 expert j at layer_b | top-1 expert i at layer_a)",
+    "distance": "layer_b - layer_a",
+    "nmi": "normalised mutual information of the two layers' top-1 experts (0 = independent, 1 = determined)",
+    "layers": "the MoE layers a path runs through",
+    "path": "top-1 expert at each of those layers, joined by >",
+    "examples": "tokens that took the path",
+    "share": "share of the router-logit variance the component explains (the shares sum to 1)",
+    "mean_abs": "mean |contribution| of the component to the router logits",
+    "k_prime": "experts kept per token (the k' highest-weight ones, weights renormalised)",
+    "nll": "mean next-token NLL (nats)",
+    "delta_nll": "nll - nll of the unmodified model (nats; > 0 = worse)",
+    "r": "top-ranked experts dropped per token (replaced by the next r)",
+    "mean_abs_cos": "mean |cosine| between different experts' normalised router rows",
+    "max_abs_cos": "largest |cosine| between two experts' router rows",
+    "mean_cos": "mean cosine between different experts' router rows",
+    "coact_rho": "Spearman correlation of router-row cosines with co-activation counts",
+    "score": "the saliency column compared",
+    "rho": "Spearman correlation of the score with the ablation Δloss over the layer's experts",
+    "n_experts": "experts compared",
 }
 
 

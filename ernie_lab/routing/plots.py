@@ -131,6 +131,7 @@ def plot_router_sources(df: pd.DataFrame, top: int | None = 20) -> Figure:
     ax.bar(range(len(sub)), sub["share"], color="tab:purple")
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(range(len(sub)), sub["component"].tolist(), rotation=90)
+    ax.set_xlabel("component")
     ax.set_ylabel("share of logit variance")
     ax.set_title("where the router logits come from")
     return fig

@@ -11,7 +11,6 @@ import yaml
 
 from ernie_lab import cli
 from ernie_lab import commands as C
-from ernie_lab.commands import bench
 
 COMPUTE_COMMANDS = ("bench", "generate", "report", "train-toy")
 
@@ -73,6 +72,7 @@ def test_bench_names_the_extra_it_needs(monkeypatch, capsys):
     real = importlib.util.find_spec
     absent = lambda name, *a: None if name == "transformers" else real(name, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", absent)
-    assert bench.run(cli.build_parser().parse_args(["bench", "--quick"])) == 2
+    assert cli.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("ernie-lab bench: error: ") and err.count("\n") == 1
     assert "transformers" in err and "ernie-lab[bench]" in err

@@ -44,7 +44,7 @@ def test_save_model_overwrite_replaces_only_the_checkpoint_files(model, tmp_path
     assert (out / "adapter_model.safetensors").read_bytes() == b"adapter"
     assert (out / "tokenizer.json").read_text() == "{}"
     assert load_model(out).config == model.config
-    assert read_marker(out)["files"] == ["config.json", "model.safetensors"]
+    assert read_marker(out)["files"] == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_save_model_into_its_own_checkpoint_removes_only_what_it_wrote(model, tmp_path):
@@ -54,7 +54,13 @@ def test_save_model_into_its_own_checkpoint_removes_only_what_it_wrote(model, tm
     assert len(shards) > 3 and read_marker(out)["kind"] == "checkpoint"
     (out / "adapter_model.safetensors").write_bytes(b"adapter")  # not ours: never removed
     save_model(model, out)
-    assert sorted(os.listdir(out)) == [MARKER, "adapter_model.safetensors", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [
+        MARKER,
+        "adapter_model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     assert hidden(tmp_path) == []
 
 
