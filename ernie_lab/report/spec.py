@@ -23,13 +23,15 @@ A spec is a mapping (see ``ernie_lab/report/default.yaml`` for a complete, comme
 
 Every analysis kind, its options and their defaults are in :data:`KINDS`. Unknown keys, kinds,
 datasets, prompt sets and recipes raise :class:`SpecError` naming them, before anything is run. A
-``recipe`` is a bundled recipe's name, or a path to a ``.py`` file that runs only when the caller passes
-``trust_recipes=True`` (``--trust-recipes``): a spec is data and cannot vouch for itself.
+``recipe`` is a bundled recipe's name, or a path to a ``.py`` file that runs only with an explicit
+opt-in: ``trust_recipes=True`` (``--trust-recipes``) from the caller, or ``trust_recipes: true`` written
+in the spec itself (as transformers' ``trust_remote_code``); each recipe file run is logged as a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ import yaml
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
 from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SPEC = Path(__file__).with_name("default.yaml")
 
@@ -53,6 +57,7 @@ TOP_LEVEL = {
     "threads": None,
     "batch_size": 8,
     "hash_checkpoint": True,
+    "trust_recipes": False,  # run recipes given as paths to .py files (Python code)
     "datasets": {},
     "analyses": {},
     "quick": {},
@@ -270,8 +275,8 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
     ``spec``: a dict, a path, or None for the packaged default. The result holds every option of
     every analysis (plus its ``kind``) and no ``quick`` block; it is what manifest.json records.
     A ``recipe`` given as a path to a ``.py`` file is Python code the spec would run: refused unless
-    ``trust_recipes=True`` (``--trust-recipes``), as transformers' ``trust_remote_code``. The opt-in is
-    the caller's, never the spec's own. Recipe names always mean the bundled recipes.
+    ``trust_recipes=True`` (``--trust-recipes``) or the spec's own ``trust_recipes: true``, as
+    transformers' ``trust_remote_code``. Recipe names always mean the bundled recipes.
     """
     raw = load_spec(spec) if spec is None or isinstance(spec, str | Path) else copy.deepcopy(spec)
     if not isinstance(raw, dict):
@@ -286,7 +291,9 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
     out = {k: copy.deepcopy(v) for k, v in TOP_LEVEL.items() if k != "quick"}
     out.update(raw)
     out["datasets"] = _datasets(out["datasets"], quick and not overrides.get("datasets"))
-    out["analyses"] = _analyses(out["analyses"], out["datasets"], trust_recipes)
+    if not isinstance(out["trust_recipes"], bool):
+        raise SpecError(f"trust_recipes: must be true or false, got {out['trust_recipes']!r}")
+    out["analyses"] = _analyses(out["analyses"], out["datasets"], trust_recipes or out["trust_recipes"])
     for key, low in (("seed", 0), ("batch_size", 1), ("threads", 1)):
         value = out[key]
         if (value is not None or key != "threads") and (
@@ -403,8 +410,11 @@ def _check_recipe(name: Any, where: str, trust: bool) -> None:
     if not is_recipe_name(name) and not trust:
         raise SpecError(
             f"{where}.recipe: {name!r} is a path to Python code, which a spec runs only when you trust it: "
-            f"pass --trust-recipes (run_report(..., trust_recipes=True)); bundled recipes: {', '.join(list_recipes())}"
+            f"pass --trust-recipes (run_report(..., trust_recipes=True)) or set trust_recipes: true in the spec; "
+            f"bundled recipes: {', '.join(list_recipes())}"
         )
+    if not is_recipe_name(name):
+        logger.warning("%s.recipe: running Python code from %s (trusted recipe file)", where, name)
     try:
         load_recipe(name)
     except (FileNotFoundError, AttributeError) as err:

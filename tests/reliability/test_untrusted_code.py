@@ -1,5 +1,6 @@
-"""A report spec is data: it runs Python from a path only with the caller's explicit opt-in, and
-bundled recipe names are never shadowed by files in the current folder."""
+"""A report spec is data: it runs Python from a path only with an explicit opt-in (the caller's flag or
+the spec's own ``trust_recipes: true``), and bundled recipe names are never shadowed by files in the
+current folder."""
 
 from __future__ import annotations
 
@@ -29,9 +30,17 @@ def test_a_recipe_path_in_a_spec_needs_trust_recipes(tmp_path, monkeypatch):
     assert (tmp_path / "ran").read_text() == "code ran"
 
 
-def test_a_spec_cannot_trust_itself():
-    with pytest.raises(SpecError, match="unknown key.*trust_recipes"):
-        resolve_spec({**spec_with("./x.py"), "trust_recipes": True})
+def test_a_spec_opts_in_only_with_a_real_boolean(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text("def make_hooks(model, **params):\n    return []\n")
+    with pytest.raises(SpecError, match="trust-recipes"):
+        resolve_spec({**spec_with("./mine.py"), "trust_recipes": False})
+    for not_a_bool in ("yes", 1, "true"):
+        with pytest.raises(SpecError, match="trust_recipes: must be true or false"):
+            resolve_spec({**spec_with("./mine.py"), "trust_recipes": not_a_bool})
+    with caplog.at_level("WARNING"):
+        resolved = resolve_spec({**spec_with("./mine.py"), "trust_recipes": True})
+    assert resolved["trust_recipes"] is True and "running Python code from ./mine.py" in caplog.text
 
 
 def test_bundled_recipes_are_not_shadowed_by_the_current_folder(tmp_path, monkeypatch):
