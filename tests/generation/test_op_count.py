@@ -9,7 +9,7 @@ from ernie_lab.generation.op_count import aten_calls, decode_op_count
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
 
-BUDGET = 1500  # the project's goal; measured 1,431 with torch 2.13 (4,103 before the op cut)
+BUDGET = 1500  # the project's goal; measured 1,443 with torch 2.13 (4,103 before the op cut)
 
 
 @pytest.fixture(scope="module")
