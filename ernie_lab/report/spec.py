@@ -274,9 +274,8 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
 
     ``spec``: a dict, a path, or None for the packaged default. The result holds every option of
     every analysis (plus its ``kind``) and no ``quick`` block; it is what manifest.json records.
-    A ``recipe`` given as a path to a ``.py`` file is Python code the spec would run: refused unless
-    ``trust_recipes=True`` (``--trust-recipes``) or the spec's own ``trust_recipes: true``, as
-    transformers' ``trust_remote_code``. Recipe names always mean the bundled recipes.
+    A ``recipe`` path (a ``.py`` file: Python code) is refused unless ``trust_recipes=True``
+    (``--trust-recipes``) or the spec's own ``trust_recipes: true``; names mean the bundled recipes.
     """
     raw = load_spec(spec) if spec is None or isinstance(spec, str | Path) else copy.deepcopy(spec)
     if not isinstance(raw, dict):
