@@ -36,11 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ernie_lab.report.runner import run_report
-    from ernie_lab.report.spec import resolve_spec
+    from ernie_lab.report.spec import load_spec
 
     threads = args.threads
-    spec = resolve_spec(args.spec, quick=args.quick, trust_recipes=args.trust_recipes)
-    if threads is None and spec["threads"] is None:
+    # the spec is only parsed here: resolving it (and checking its recipes) happens once, in run_report
+    raw = load_spec(args.spec)
+    quick = raw.get("quick") if args.quick and isinstance(raw.get("quick"), dict) else {}
+    if threads is None and quick.get("threads", raw.get("threads")) is None:
         threads = apply_threads(None, "report")  # 1 on a busy machine, else None (torch's default)
     elif threads is not None:
         apply_threads(threads, "report")
