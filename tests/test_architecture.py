@@ -1,5 +1,5 @@
 """The package's shape: no import cycles (imports inside functions included) and wings that depend
-one way, ``model <- io <- generation <- analyses <- report <- commands``."""
+one way, ``model <- io <- generation <- bench <- analyses <- report <- commands``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ RANK = {
     "distributed": 2.5,  # loads checkpoint slices (io); generation and analyses use its broadcast/split
     "generation": 3,
     "interventions": 3,
+    "bench": 3.5,  # measures generation (and tensor parallel, quantization, offload); only commands use it
     "recipes": 2,
     "routing": 4,
     "patching": 5,

@@ -53,7 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.generation.bench import run_bench, run_real_shape
+    from ernie_lab.bench.bench import run_bench, run_real_shape
     from ernie_lab.io.weights import parse_dtype
 
     if args.repeats < 1:
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 def _variant_table(args: argparse.Namespace):
     """Full precision vs ``--quantization`` / ``--offload experts`` (routing agreement from the
     routing wing, which the generation wing cannot import)."""
-    from ernie_lab.generation.bench_quant import run_variant_bench
+    from ernie_lab.bench.bench_quant import run_variant_bench
     from ernie_lab.io.weights import parse_dtype
     from ernie_lab.routing import collect_routing, routing_agreement
 
@@ -133,8 +133,8 @@ def _variant_table(args: argparse.Namespace):
 
 
 def run_tp(args: argparse.Namespace) -> int:
-    """``--tp N``: tp_plan='auto' on N CPU processes against one process (generation/tp_bench.py)."""
-    from ernie_lab.generation.tp_bench import run_tp_bench
+    """``--tp N``: tp_plan='auto' on N CPU processes against one process (bench/tp_bench.py)."""
+    from ernie_lab.bench.tp_bench import run_tp_bench
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-CPU_TESTS = ["tests/generation/test_op_count.py", "tests/generation/test_generate.py"]
+CPU_TESTS = ["tests/bench/test_op_count.py", "tests/generation/test_generate.py"]
 GPU_TESTS = ["tests/generation/test_gpu_decode.py"]
 
 
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root).returncode
     if code != 0 or not args.gpu:
         return code
+    from ernie_lab.bench.bench import run_real_shape
     from ernie_lab.commands.bench import format_table, header
-    from ernie_lab.generation.bench import run_real_shape
 
     table = run_real_shape(device="cuda", repeats=args.repeats, compile=True)
     print(header(f"real shape 21b-a3b, {torch.bfloat16}, cuda, compiled decode (CUDA graphs)"))

@@ -37,14 +37,14 @@ def test_quantized_offloaded_bench_prints_every_figure(tmp_path, capsys):
 
 
 def test_bench_variant_needs_a_variant():
-    from ernie_lab.generation.bench_quant import run_variant_bench
+    from ernie_lab.bench.bench_quant import run_variant_bench
 
     with pytest.raises(ValueError, match="quantization= and/or expert_slots="):
         run_variant_bench(quick=True)
 
 
 def test_real_shape_code_path_quantized_and_offloaded():
-    from ernie_lab.generation.bench import QUICK, run_real_shape
+    from ernie_lab.bench.bench import QUICK, run_real_shape
 
     table = run_real_shape(
         dtype=torch.float32, device="cpu", preset="tiny", repeats=1, sizes=QUICK, quantization="nf4", expert_slots=2

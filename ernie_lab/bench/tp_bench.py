@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from ernie_lab.bench.bench import FULL, QUICK, BenchSizes, _decode_step_time, save_random_checkpoint
 from ernie_lab.distributed import load_model, spawn
-from ernie_lab.generation.bench import FULL, QUICK, BenchSizes, _decode_step_time, save_random_checkpoint
 from ernie_lab.model.config import ErnieConfig
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ernie_lab.generation.bench import FULL, QUICK, interleaved_medians, save_random_checkpoint
+from ernie_lab.bench.bench import FULL, QUICK, interleaved_medians, save_random_checkpoint
 from ernie_lab.generation.generate import generate
 from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.weights import load_model

@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ernie_lab.bench.op_count import decode_op_count, transformers_decode_op_count
 from ernie_lab.generation.generate import generate
-from ernie_lab.generation.op_count import decode_op_count, transformers_decode_op_count
 from ernie_lab.io.weights import load_model
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from ernie_lab.bench.bench import FULL, QUICK, hook_point_calls, run_real_shape
 from ernie_lab.cli import main
-from ernie_lab.generation.bench import FULL, QUICK, hook_point_calls, run_real_shape
 
 FIGURES = [
     "prefill",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ernie_lab.generation.op_count import aten_calls, decode_op_count
+from ernie_lab.bench.op_count import aten_calls, decode_op_count
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
 
