@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _variant_table(args: argparse.Namespace):
     """Full precision vs ``--quantization`` / ``--offload experts`` (routing agreement from the
-    routing wing, which the generation wing cannot import)."""
+    routing wing, which the bench wing cannot import)."""
     from ernie_lab.bench.bench_quant import run_variant_bench
     from ernie_lab.io.weights import parse_dtype
     from ernie_lab.routing import collect_routing, routing_agreement
