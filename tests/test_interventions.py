@@ -44,8 +44,8 @@ def moe(L: int, point: str) -> str:
 
 def run_expert(model, L: int, e: int, x: torch.Tensor) -> torch.Tensor:
     ex = model.blocks[L].mlp.experts
-    gate, up = (x @ ex.gate_up_proj[e].T).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ ex.down_proj[e].T
+    gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ ex.down_proj[e]
 
 
 def selected_and_unselected(cache, model, L: int) -> tuple[int, int | None]:

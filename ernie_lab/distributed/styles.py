@@ -151,12 +151,12 @@ class ExpertShardExperts(Experts):
 
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if not self._mine(e):
-            return x.new_zeros(x.shape[0], self.gate_up_proj.shape[1] // 2)
+            return x.new_zeros(x.shape[0], self.gate_up_proj.shape[2] // 2)
         return super().post(e - self.first, x)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         if not self._mine(e):
-            return h.new_zeros(h.shape[0], self.down_proj.shape[1])
+            return h.new_zeros(h.shape[0], self.down_proj.shape[2])
         return super().down(e - self.first, h)
 
 

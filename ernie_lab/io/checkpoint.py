@@ -1,8 +1,10 @@
 """Safetensors checkpoints in the Hugging Face hub layout: key mapping, reading, sharded writing.
 
-The hub stores routed experts one by one (``mlp.experts.{e}.{gate,up,down}_proj.weight``); the model
-stacks them (``mlp.experts.gate_up_proj [expert 2*d_expert d_model]`` holds gate rows then up rows,
-``mlp.experts.down_proj [expert d_model d_expert]``). Every other key is a module path of ErnieMoE.
+The hub stores routed experts one by one (``mlp.experts.{e}.{gate,up,down}_proj.weight``, each
+``[d_out d_in]``); the model stacks them pre-transposed, in the layout its grouped matmuls take
+(``mlp.experts.gate_up_proj [expert d_model 2*d_expert]`` holds gate columns then up columns,
+``mlp.experts.down_proj [expert d_expert d_model]``), so a hub key maps onto a transposed view. Every
+other key is a module path of ErnieMoE.
 A :class:`Slot` says where one hub tensor lives inside the model, so loading and saving share one map.
 """
 
@@ -44,11 +46,12 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Slot:
-    """Where one hub tensor lives in the model: ``state[name][expert][rows]`` of shape ``shape``."""
+    """Where one hub tensor lives in the model: ``state[name][expert].t()[rows]`` (stacked experts, stored
+    transposed) or ``state[name]``, of the hub's shape ``shape``."""
 
     name: str  # model state_dict key (parameter or buffer)
     expert: int | None  # index into a stacked expert tensor, or None
-    rows: slice | None  # gate or up half of gate_up_proj, or None
+    rows: slice | None  # gate or up half of gate_up_proj (hub rows, model columns), or None
     shape: tuple[int, ...]
 
     @property
@@ -59,7 +62,7 @@ class Slot:
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The part of the model tensor ``tensor`` (``state[name]``) this slot covers."""
         if self.expert is not None:
-            tensor = tensor[self.expert]
+            tensor = tensor[self.expert].t()  # stacked experts are stored [d_in d_out]
         if self.rows is not None:
             tensor = tensor[self.rows]
         return tensor
@@ -105,9 +108,9 @@ def hub_layout(model: nn.Module) -> dict[str, Slot]:
         prefix = m.group("prefix")
         for e in range(shape[0]):
             if m.group("proj") == "down_proj":
-                slots[f"{prefix}.{e}.down_proj.weight"] = Slot(name, e, None, shape[1:])
+                slots[f"{prefix}.{e}.down_proj.weight"] = Slot(name, e, None, (shape[2], shape[1]))
             else:
-                half = (d_expert, shape[2])
+                half = (d_expert, shape[1])
                 slots[f"{prefix}.{e}.gate_proj.weight"] = Slot(name, e, slice(0, d_expert), half)
                 slots[f"{prefix}.{e}.up_proj.weight"] = Slot(name, e, slice(d_expert, 2 * d_expert), half)
     return slots

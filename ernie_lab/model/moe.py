@@ -1,9 +1,15 @@
 """ERNIE 4.5 mixture-of-experts block: fp32 router with a correction bias, routed and shared experts.
 
 Axes: batch pos d_model expert topk d_expert; ``n`` = batch*pos flattened tokens, ``slot`` = one
-(token, topk) assignment. Routed expert weights are stacked ``[expert, ...]`` (gate and up fused as
-``gate_up_proj [expert 2*d_expert d_model]``, ``down_proj [expert d_model d_expert]``); the loader
-maps the hub's per-expert keys onto them.
+(token, topk) assignment. Routed expert weights are stacked ``[expert, ...]`` in the layout the
+kernels take, so no second copy is ever made: gate and up fused and pre-transposed as
+``gate_up_proj [expert d_model 2*d_expert]`` (``x @ gate_up_proj[e]`` gives gate then up columns),
+``down_proj [expert d_expert d_model]``. The loader maps the hub's per-expert ``[d_out d_in]`` keys
+onto transposed views of them (``save_model`` the other way).
+
+Several tokens run through one grouped matmul per projection (``torch._grouped_mm``, as transformers'
+``grouped_mm`` experts) over slots sorted by expert; one token, or a torch without the kernel, runs
+one ``mm`` per selected expert and projection.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from torch import nn
 from ernie_lab.model.config import ErnieConfig
 from ernie_lab.model.hook_points import HookPoint
 from ernie_lab.model.layers import SwiGLU, linear
-from ernie_lab.model.weight_views import expert_halves, expert_transposed
+from ernie_lab.model.weight_views import expert_slices
 
 
 class _Fp32Module(nn.Module):
@@ -54,36 +60,92 @@ class MoeStatics(_Fp32Module):
 class Experts(nn.Module):
     """The routed experts, stacked. Each is ``down(silu(gate(x)) * up(x))`` of width d_expert.
 
-    The MoE block uses only ``post``, ``down`` and ``gather``: quantized and offloaded experts
-    (``model/quant.py``, ``model/offload.py``) provide the same three methods.
+    The MoE block uses ``post``, ``down`` and ``gather`` (one expert, or a few gathered ones) and, for
+    several tokens, ``grouped_post`` / ``grouped_down``: quantized and offloaded experts
+    (``model/quant.py``, ``model/offload.py``) provide the first three and run the per-expert loop.
     """
 
     def __init__(self, cfg: ErnieConfig):
         super().__init__()
         e, d, f = cfg.moe_num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
-        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        self.gate_up_proj = nn.Parameter(torch.empty(e, d, 2 * f))
+        self.down_proj = nn.Parameter(torch.empty(e, f, d))
 
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]`` -> ``[n d_expert]``."""
-        gate, up = expert_halves(self.gate_up_proj, e)
-        return F.silu(torch.mm(x, gate)) * torch.mm(x, up)
+        """``silu(gate(x)) * up(x)`` of expert ``e`` on ``x [n d_model]`` -> ``[n d_expert]`` (one ``mm``)."""
+        return _swiglu(torch.mm(x, expert_slices(self.gate_up_proj)[e]))
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """``down(h)`` of expert ``e`` on ``h [n d_expert]`` -> ``[n d_model]``."""
-        return torch.mm(h, expert_transposed(self.down_proj, e))
+        return torch.mm(h, expert_slices(self.down_proj)[e])
 
     def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights of the experts ``idx``: ``gate_up [*idx 2*d_expert d_model]``, ``down [*idx d_model d_expert]``."""
+        """Weights of the experts ``idx``: ``gate_up [*idx d_model 2*d_expert]``, ``down [*idx d_expert d_model]``."""
         return self.gate_up_proj[idx], self.down_proj[idx]
 
+    def grouped_fits(self, rows: torch.Tensor) -> bool:
+        """Whether :meth:`grouped_post` / :meth:`grouped_down` run on rows like ``rows`` (see
+        :func:`grouped_mm_fits`)."""
+        width = self.down_proj.shape[1] * rows.element_size()  # the rows of the middle activation
+        return width % 16 == 0 and grouped_mm_fits(rows, self.gate_up_proj, self.down_proj)
 
-def _sorted_slots(idx: torch.Tensor, n_expert: int):
-    """Group token-slot assignments by expert: (order, token of each sorted slot, counts per expert)."""
+    def grouped_post(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """:meth:`post` of every expert on its block of ``rows [slot d_model]``, sorted by expert
+        (``offs [expert]``: int32 block ends) -> ``[slot d_expert]``: one grouped matmul."""
+        return _swiglu(_GROUPED_MM(rows, self.gate_up_proj, offs=offs))
+
+    def grouped_down(self, h: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """:meth:`down` of every expert on its block of ``h [slot d_expert]`` -> ``[slot d_model]``."""
+        return _GROUPED_MM(h, self.down_proj, offs=offs)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of fused ``[... 2*d_expert]`` projections (gate columns first)."""
+    f = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :f]) * gate_up[..., f:]
+
+
+# torch >= 2.8 has the grouped matmul on the CPU too; F.grouped_mm is its public name from 2.10
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 loops
+
+
+def grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes rows like ``x`` against ``weights``: the kernel exists,
+    nothing is being compiled (inductor lowers it for bf16 only), no gradient is recorded (its CPU
+    backward fails), plain tensors of one dtype (fp32, bf16 or fp16), weights with 16-byte aligned
+    starts and rows (the kernel's rule; the rows it gets are fresh ``index_select`` copies, aligned
+    by the allocator), and on CUDA bf16 on compute capability 8.0 or newer."""
+    if _GROUPED_MM is None or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+        return False
+    plain = (torch.Tensor, nn.Parameter)
+    if x.dtype not in _GROUPED_DTYPES or any(type(t) not in plain or t.dtype != x.dtype for t in (x, *weights)):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    return x.shape[-1] * size % 16 == 0 and all(
+        w.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in w.stride()[:-1]) and w.stride(-1) == 1
+        for w in weights
+    )
+
+
+def _sorted_slots(idx: torch.Tensor, n_expert: int, on_host: bool):
+    """Group token-slot assignments by expert: (order, token of each sorted slot, per-expert counts as
+    a host list when ``on_host`` (one host sync per layer), else their int32 running ends on the device)."""
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_expert).tolist()  # one host sync per layer
-    return order, order // idx.shape[-1], counts
+    if flat.device.type == "cpu":
+        counts = torch.bincount(flat, minlength=n_expert)
+    else:  # bincount reads its size on the host; histc does not (float: exact up to 2**24 slots)
+        counts = torch.histc(flat.float(), bins=n_expert, min=0, max=n_expert - 1)
+    ends = counts.tolist() if on_host else counts.cumsum(0, dtype=torch.int32)
+    return order, order // idx.shape[-1], ends
 
 
 def _per_expert(fn, x_sorted: torch.Tensor, counts: list[int], d_out: int) -> torch.Tensor:
@@ -107,8 +169,8 @@ def _gathered_experts(ex: Experts, xs: torch.Tensor, idx: torch.Tensor) -> torch
     batched matmuls: no data-dependent shapes, so no host sync and CUDA-graph friendly.
     """
     gate_up, down = ex.gather(idx, xs.dtype)
-    gate, up = einsum(gate_up, xs, "n k f d, n d -> n k f").chunk(2, dim=-1)
-    return einsum(down, F.silu(gate) * up, "n k d f, n k f -> n k d")
+    post = _swiglu(einsum(gate_up, xs, "n k d f, n d -> n k f"))
+    return einsum(down, post, "n k f d, n k f -> n k d")
 
 
 def _unsort(t_sorted: torch.Tensor, order: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -228,17 +290,39 @@ class MoE(nn.Module):
             return _mix(rearrange(out, "(b p) k d -> b p k d", b=x.shape[0]), weights)
         if xs.shape[0] == 1:
             return _mix_one(torch.cat([ex.down(e, ex.post(e, xs)) for e in idx.tolist()[0][0]]), weights)
-        order, token, counts = _sorted_slots(idx, self.n_expert)
+        grouped = self._grouped(xs)
+        order, token, ends = _sorted_slots(idx, self.n_expert, on_host=grouped is None)
         rows = xs.index_select(0, token)
-        out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, counts, x.shape[-1])
+        if grouped is not None:
+            out_sorted = grouped.grouped_down(grouped.grouped_post(rows, ends), ends)
+        else:
+            out_sorted = _per_expert(lambda e, r: ex.down(e, ex.post(e, r)), rows, ends, x.shape[-1])
         return _mix(_unsort(out_sorted, order, idx), weights)
+
+    def _grouped(self, xs: torch.Tensor) -> Experts | None:
+        """The experts when their grouped matmuls serve these tokens: several tokens, all experts
+        here (not an expert-parallel part), dense (quantized and offloaded ones loop) and a kernel
+        that takes the operands. Both paths use it, so hooked and plain runs agree bit for bit."""
+        ex = self.experts
+        if xs.shape[0] < 2 or getattr(ex, "expert_subset", False) or not isinstance(ex, Experts):
+            return None
+        return ex if ex.grouped_fits(xs) else None
 
     def _routed_explicit(self, x, idx, weights) -> torch.Tensor:
         """Same maths with per-slot ``expert_post`` / ``expert_out`` materialised for hooks."""
         xs = rearrange(x, "b p d -> (b p) d")
-        order, token, counts = _sorted_slots(idx, self.n_expert)
-        post = _unsort(_per_expert(self.experts.post, xs.index_select(0, token), counts, self.d_expert), order, idx)
-        post = self.hook_expert_post(post)
+        grouped = self._grouped(xs)
+        order, token, ends = _sorted_slots(idx, self.n_expert, on_host=grouped is None)
+        rows = xs.index_select(0, token)
+        if grouped is not None:
+            post_sorted = grouped.grouped_post(rows, ends)
+        else:
+            post_sorted = _per_expert(self.experts.post, rows, ends, self.d_expert)
+        post = self.hook_expert_post(_unsort(post_sorted, order, idx))
         post_sorted = rearrange(post, "b p k f -> (b p k) f").index_select(0, order)
-        out = _unsort(_per_expert(self.experts.down, post_sorted, counts, x.shape[-1]), order, idx)
+        if grouped is not None:
+            out_sorted = grouped.grouped_down(post_sorted, ends)
+        else:
+            out_sorted = _per_expert(self.experts.down, post_sorted, ends, x.shape[-1])
+        out = _unsort(out_sorted, order, idx)
         return _mix(self.hook_expert_out(out), weights)

@@ -221,8 +221,10 @@ class QuantExperts(_QuantModule):
         return self.codec.linear(h, self._parts("down_proj", e), self.shapes["down_proj"])
 
     def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized ``gate_up [*idx 2*d_expert d_model]`` and ``down [*idx d_model d_expert]``."""
-        return tuple(self.codec.dense(self._parts(p, idx), self.shapes[p], dtype) for p in self.shapes)
+        """Dequantized ``gate_up [*idx d_model 2*d_expert]`` and ``down [*idx d_expert d_model]`` (the
+        dense experts' layout; each expert is quantized as the hub's ``[d_out d_in]``)."""
+        dense = [self.codec.dense(self._parts(p, idx), self.shapes[p], dtype) for p in self.shapes]
+        return tuple(w.transpose(-1, -2) for w in dense)
 
     def extra_repr(self) -> str:
         return f"{self.codec.fmt}, experts={self.gate_up_proj_qweight.shape[0]}"
@@ -271,8 +273,8 @@ def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
                 continue
             for proj in new.shapes:
                 stack = getattr(old, proj)
-                for e in range(stack.shape[0]):
-                    new.codec.encode_into(new._parts(proj, e), stack[e])
+                for e in range(stack.shape[0]):  # dense experts are stored [d_in d_out]
+                    new.codec.encode_into(new._parts(proj, e), stack[e].t())
     return model
 
 

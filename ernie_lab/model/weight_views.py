@@ -56,20 +56,12 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
     return _cached(weight, "t", torch.Tensor.t)
 
 
-def expert_halves(weight: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves of ``weight[e].t()`` for a stacked ``[expert 2*d_out d_in]`` weight (gate and up):
-    ``[d_in d_out]`` each, cached outside autograd (every expert's views made together)."""
+def expert_slices(weight: torch.Tensor):
+    """``weight[e]`` for every expert of a stacked ``[expert ...]`` weight, indexable by ``e``: a tuple
+    of views made once outside autograd (one lookup instead of a ``select`` per use), else the weight."""
     if not _cacheable(weight):
-        return weight[e].t().chunk(2, dim=1)
-    return _cached(weight, "halves", lambda w: tuple(t.chunk(2, dim=1) for t in w.transpose(1, 2).unbind(0)))[e]
-
-
-def expert_transposed(weight: torch.Tensor, e: int) -> torch.Tensor:
-    """``weight[e].t()`` of a stacked ``[expert d_out d_in]`` weight: ``[d_in d_out]``, cached outside
-    autograd (every expert's views made together)."""
-    if not _cacheable(weight):
-        return weight[e].t()
-    return _cached(weight, "t", lambda w: w.transpose(1, 2).unbind(0))[e]
+        return weight
+    return _cached(weight, "experts", lambda w: w.unbind(0))
 
 
 def forget(weights: Iterable[torch.Tensor]) -> None:

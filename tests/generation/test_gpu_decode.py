@@ -59,7 +59,7 @@ def test_gathered_expert_decode_equals_sorted_path(cuda_pair):
     from ernie_lab.model.moe import _gathered_experts, _mix
 
     moe = cuda_pair[1].blocks[1].mlp
-    x = torch.randn(2, 1, moe.experts.down_proj.shape[1], device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 1, moe.experts.down_proj.shape[2], device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         idx, weights = moe.route(x)
         weights = weights.to(x.dtype)

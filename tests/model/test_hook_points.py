@@ -103,8 +103,8 @@ def moe_input(model, cache, L: int) -> torch.Tensor:
 def run_expert(model, L: int, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` of layer ``L`` written out from its stacked weights."""
     ex = model.blocks[L].mlp.experts
-    gate, up = (x @ ex.gate_up_proj[e].T).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ ex.down_proj[e].T
+    gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ ex.down_proj[e]
 
 
 # ----------------------------------------------------------------------------- names and shapes

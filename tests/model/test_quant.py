@@ -119,9 +119,10 @@ def test_loading_quantizes_each_expert_like_bitsandbytes_does_alone(heavy_ckpt):
     loaded = el.load_model(heavy_ckpt, dtype="float32", quantization="nf4")
     dense_ex, quant_ex = full.blocks[2].mlp.experts, loaded.blocks[2].mlp.experts
     for e in (0, 7, 15):
-        q, state = bnb.quantize_4bit(dense_ex.gate_up_proj[e].detach().contiguous(), blocksize=64, quant_type="nf4")
+        # the hub's [d_out d_in] matrix: the dense model stores it transposed, the quantized one as is
+        q, state = bnb.quantize_4bit(dense_ex.gate_up_proj[e].detach().t().contiguous(), blocksize=64, quant_type="nf4")
         gate_up, down = quant_ex.gather(torch.tensor([e]), torch.float32)
-        assert torch.equal(gate_up[0], bnb.dequantize_4bit(q, state))
+        assert torch.equal(gate_up[0], bnb.dequantize_4bit(q, state).t())
         assert down.shape == (1, *dense_ex.down_proj.shape[1:])
     converted = quantize_model(el.load_model(heavy_ckpt, dtype="float32"), "nf4")
     for (name, a), (name_b, b) in zip(loaded.state_dict().items(), converted.state_dict().items(), strict=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model
 
-from ernie_lab.model.weight_views import _VIEWS, expert_halves, transposed
+from ernie_lab.model.weight_views import _VIEWS, expert_slices, transposed
 
 
 def test_views_follow_in_place_edits_and_replaced_data():
@@ -33,9 +33,11 @@ def test_views_are_views_and_autograd_gets_the_parameter():
     w = model.lm_head.weight
     with torch.no_grad():
         t = transposed(w)
-        gate, up = expert_halves(model.blocks[1].mlp.experts.gate_up_proj, 0)
+        stacked = model.blocks[1].mlp.experts.gate_up_proj
+        last = expert_slices(stacked)[-1]
     assert t.data_ptr() == w.data_ptr() and t.shape == w.shape[::-1] and not t.requires_grad
-    assert gate.untyped_storage().data_ptr() == model.blocks[1].mlp.experts.gate_up_proj.untyped_storage().data_ptr()
+    assert last.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    assert torch.equal(last, stacked[-1]) and last.shape == stacked.shape[1:]
     assert transposed(w).requires_grad  # grad enabled: w.t(), so gradients reach the parameter
     model(torch.tensor([[1, 2]])).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
