@@ -138,11 +138,16 @@ def bench_decode(
     return [_row(name, batch * n / t_ours, batch * n / t_theirs, "new tokens/s", note)]
 
 
-def bench_op_count(ours, theirs) -> list[dict]:
-    """Aten operator calls per decode token (batch 1), both sides: deterministic, load-independent."""
-    n_ours, n_theirs = decode_op_count(ours), transformers_decode_op_count(theirs)
-    note = "torch.profiler aten events, 17 new tokens minus 1, / 16"
-    return [_row("operator calls per decode token", n_ours, n_theirs, "calls", note, higher_better=False)]
+def bench_op_count(ours, theirs, batch: int) -> list[dict]:
+    """Aten operator calls per decode token (batch 1) and per step at ``batch``, both sides:
+    deterministic, load-independent (``op_count``: calls made from Python, not those nested in them)."""
+    rows = []
+    figures = {1: "operator calls per decode token", batch: f"operator calls per decode step (batch {batch})"}
+    for b, figure in figures.items():
+        n_ours, n_theirs = decode_op_count(ours, batch=b), transformers_decode_op_count(theirs, batch=b)
+        note = "torch.profiler aten calls from Python, 17 new tokens minus 1, / 16"
+        rows.append(_row(figure, n_ours, n_theirs, "calls", note, higher_better=False))
+    return rows
 
 
 def hook_point_calls(model, ids: torch.Tensor) -> int:
@@ -339,7 +344,7 @@ def run_bench(
         rows.append(bandwidth_row(ours, rows[-1]["ours"], device))
         rows += bench_decode(ours, theirs, sizes, sizes.batch, repeats, device, compile)
         if device == "cpu":  # the profiler counts host-side calls; on a GPU launches are counted elsewhere
-            rows += bench_op_count(ours, theirs)
+            rows += bench_op_count(ours, theirs, sizes.batch)
         rows += bench_hook_overhead(ours, sizes, repeats, device)
         rows += bench_full_cache(ours, sizes, repeats, device)
         del ours, theirs

@@ -19,6 +19,7 @@ FIGURES = [
     "decode / bandwidth limit",
     "batched decode (batch 2)",
     "operator calls per decode token",
+    "operator calls per decode step (batch 2)",
     "hook overhead (decode step)",
     "hook overhead (prefill)",
     "full cache time",
@@ -31,6 +32,7 @@ COMPARED = {
     "decode",
     "batched decode (batch 2)",
     "operator calls per decode token",
+    "operator calls per decode step (batch 2)",
     "load time",
     "load peak memory",
 }
