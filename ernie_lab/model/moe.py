@@ -140,9 +140,9 @@ def _sorted_slots(idx: torch.Tensor, n_expert: int, on_host: bool):
     a host list when ``on_host`` (one host sync per layer), else their int32 running ends on the device)."""
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    if flat.device.type == "cpu":
+    if on_host or flat.device.type == "cpu":
         counts = torch.bincount(flat, minlength=n_expert)
-    else:  # bincount reads its size on the host; histc does not (float: exact up to 2**24 slots)
+    else:  # bincount reads its size on the host; histc does not (float counts: exact below 2**24 slots)
         counts = torch.histc(flat.float(), bins=n_expert, min=0, max=n_expert - 1)
     ends = counts.tolist() if on_host else counts.cumsum(0, dtype=torch.int32)
     return order, order // idx.shape[-1], ends
