@@ -12,6 +12,12 @@ hit (and becomes most recently used); otherwise it is a miss: the least recently
 refilled from host memory (on a side CUDA stream where one exists). ``down`` for the expert just
 used is free; only when the hooked path has evicted it in between is it fetched (and counted) again.
 On the CPU "device" and host are the same memory, but pool, LRU and statistics work the same.
+
+Edits: the host tensors are the model's weights (``state_dict``, ``load_state_dict``, in-place edits of
+``mlp.experts.*`` all reach them). Each call first compares every host tensor's version counter
+(``tensor._version``, bumped by every in-place write, ``load_state_dict``'s copies included) and
+storage with what the slots were filled from; on any change all slots of the layer are emptied, so the
+next use refills them from the edited weights (counted as misses).
 """
 
 from __future__ import annotations
@@ -51,19 +57,22 @@ class OffloadedExperts(nn.Module):
         self.__dict__["inner"] = inner  # not a submodule: its tensors are re-pointed at the slots
         pin = torch.cuda.is_available()
         for name in self.names:
-            host = getattr(inner, name).detach().to("cpu")
+            host = _trackable(getattr(inner, name).detach().to("cpu"))
             self.register_buffer(name, host.pin_memory() if pin else host)
             pool = torch.empty(slots, *host.shape[1:], dtype=host.dtype, device=device)
             self.register_buffer(f"slots_{name}", pool, persistent=False)
         self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self._filled_from: tuple = ()  # the host tensors' (version, storage) the slots were filled from
         self.reset_stats()
         self._point_inner()
 
     # ------------------------------------------------------------------ the Experts interface
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        self._follow_host()
         return self.inner.post(self._acquire(e), x)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        self._follow_host()  # a hook between post and down may have edited the weights
         slot = self._lru.get(e)
         if slot is None:
             slot = self._acquire(e)
@@ -72,12 +81,20 @@ class OffloadedExperts(nn.Module):
     def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights of the experts ``idx``, copied out of the slots one expert at a time (so any
         number of distinct experts works with any pool size)."""
+        self._follow_host()
         ids = idx.unique().tolist()
         weights = [self.inner.gather(torch.tensor([self._acquire(e)], device=idx.device), dtype) for e in ids]
         where = torch.searchsorted(torch.tensor(ids, device=idx.device), idx)
         return tuple(torch.cat([w[i] for w in weights])[where] for i in range(2))
 
     # ------------------------------------------------------------------ slots
+    def _follow_host(self) -> None:
+        """Empty the slots when a host tensor was written or replaced since they were filled."""
+        now = tuple((t._version, t.data_ptr()) for t in (self._buffers[n] for n in self.names))
+        if now != self._filled_from:
+            self._lru.clear()
+            self._filled_from = now
+
     def _acquire(self, e: int) -> int:
         """The slot holding expert ``e``, filling the least recently used one on a miss."""
         slot = self._lru.get(e)
@@ -137,7 +154,7 @@ class OffloadedExperts(nn.Module):
             if quantized and pool.dtype != pools[name].dtype:
                 pool = self._buffers[f"slots_{name}"] = torch.empty_like(pools[name], device=pool.device)
             if host.dtype != pool.dtype:
-                host = host.to(pool.dtype)
+                host = _trackable(host.to(pool.dtype))
                 host = host.pin_memory() if pin else host
             self._buffers[name] = host
         if quantized:
@@ -157,6 +174,15 @@ class OffloadedExperts(nn.Module):
         return (
             f"slots={self.n_slots}, experts={getattr(self, self.names[0]).shape[0]}, inner={type(self.inner).__name__}"
         )
+
+
+def _trackable(host: torch.Tensor) -> torch.Tensor:
+    """``host``, as a normal tensor: an inference tensor (made under ``torch.inference_mode``) has no
+    version counter, so in-place edits of it could not be seen by the slots."""
+    if not host.is_inference():
+        return host
+    with torch.inference_mode(False):
+        return host.clone()
 
 
 def offload_experts(model: nn.Module, expert_slots: int, device: torch.device | str | None = None) -> nn.Module:
