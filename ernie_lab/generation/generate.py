@@ -270,14 +270,17 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     hooked = any(hp.active for hp in model.hook_dict.values())
     if compile and hooked:
         logger.info("compile=True: hooks are attached, so decode steps run eagerly (hooks see every step)")
-    if not compile or on_cpu_batched or hooked:
-        return lambda ids, cache: model.forward_unchecked(ids, None, cache)
+    eager = lambda ids, cache: model.forward_unchecked(ids, None, cache)  # noqa: E731
+    if not compile or hooked:
+        return eager
     if _on_one_cuda_device(model):
         why = graph_refusal(model, batch)
         if why is None:
             return GraphedDecodeStep(model)
         logger.warning("compile=True: no CUDA graph, decode steps run eagerly: %s", why)
-        return lambda ids, cache: model.forward_unchecked(ids, None, cache)
+        return eager
+    if on_cpu_batched:
+        return eager
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)
     if key not in compiled_by:

@@ -115,8 +115,8 @@ class OffloadedExperts(nn.Module):
         pools = [getattr(self, f"slots_{n}") for n in self.names]
         hosts = [getattr(self, n)[e] for n in self.names]
         device = pools[0].device
-        if device.type == "cuda":
-            stream = self._side_stream(device)
+        stream = self._side_stream_for(device)
+        if stream is not None:
             current = torch.cuda.current_stream(device)
             stream.wait_stream(current)  # kernels still reading the evicted expert come first
             with torch.cuda.stream(stream):
@@ -128,7 +128,10 @@ class OffloadedExperts(nn.Module):
                 pool[slot].copy_(host)
         self.bytes_copied += sum(h.numel() * h.element_size() for h in hosts)
 
-    def _side_stream(self, device: torch.device):
+    def _side_stream_for(self, device: torch.device):
+        """The side CUDA stream copies to ``device`` run on (made once), or None off CUDA."""
+        if device.type != "cuda":
+            return None
         stream = self.__dict__.get("_stream")
         if stream is None or stream.device != device:
             stream = self.__dict__["_stream"] = torch.cuda.Stream(device)
