@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.generation.bench import run_bench, run_real_shape
+    from ernie_lab.generation.bench import run_bench
+    from ernie_lab.generation.bench_real import run_real_shape
     from ernie_lab.io.weights import parse_dtype
 
     if args.repeats < 1:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if code != 0 or not args.gpu:
         return code
     from ernie_lab.commands.bench import format_table, header
-    from ernie_lab.generation.bench import run_real_shape
+    from ernie_lab.generation.bench_real import run_real_shape
 
     table = run_real_shape(device="cuda", repeats=args.repeats, compile=True)
     print(header(f"real shape 21b-a3b, {torch.bfloat16}, cuda, compiled decode (CUDA graphs)"))
