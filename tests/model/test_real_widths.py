@@ -1,0 +1,119 @@
+"""ERNIE-4.5-21B-A3B's exact widths on the CPU (3 layers: one dense, two MoE), saved by transformers
+in bf16 and compared with it: bf16 logits, routing, greedy tokens; nf4 / int8 bytes against
+``ernie-lab info``'s prediction.
+
+Widths: hidden 2560, 20 query / 4 key-value heads of 128, dense width 12288, 64 experts of width 1536
+(top-6) + 2 shared, vocab 103424, tied embeddings: ~2.0B parameters, ~4 GB in bf16 per model. The
+checkpoint is built once (about a minute); the module peaks near 9 GB. Marked ``slow``; run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ernie_lab as el
+from ernie_lab import cli
+
+pytestmark = pytest.mark.slow
+LOGIT_SCALE = 50.0  # final-norm gain: decisive greedy margins without changing the residual stream
+
+
+@pytest.fixture(scope="module")
+def widths_21b(tmp_path_factory):
+    """(directory, transformers model in bf16) of a 3-layer model at 21B-A3B's widths."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = el.ErnieConfig.preset("21b-a3b").replace(num_hidden_layers=3, moe_layer_end_index=2)
+    hf_dict = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an fp32 copy would double the peak
+    try:
+        hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**hf_dict)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        hf.model.norm.weight.fill_(LOGIT_SCALE)
+        for name, buffer in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.normal_(0.0, 0.01)
+    directory = tmp_path_factory.mktemp("widths_21b") / "ckpt"
+    hf.save_pretrained(directory)
+    return directory, hf
+
+
+def ids(batch: int = 2, pos: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 103424, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def test_widths_are_21b_a3b(widths_21b):
+    ours_cfg = el.ErnieConfig.from_hf(widths_21b[0] / "config.json")
+    full = el.ErnieConfig.preset("21b-a3b")
+    assert ours_cfg == full.replace(num_hidden_layers=3, moe_layer_end_index=2)
+    assert ours_cfg.moe_layers == [1, 2]
+
+
+def test_bf16_logits_routing_and_greedy_tokens_match_transformers(widths_21b):
+    directory, hf = widths_21b
+    ours = el.load_model(directory, dtype=torch.bfloat16)
+    x = ids()
+    wanted = ("hook_router_logits", "hook_topk_idx")
+    with torch.inference_mode():
+        a, cache = ours.run_with_cache(x, names_filter=lambda n: n.endswith(wanted))
+        b = hf(x, output_router_logits=False).logits
+    a, b = a.float(), b.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < 1e-2, f"relative logit error {rel:.2e}"
+    # argmax agrees wherever transformers' top-2 margin exceeds twice the worst difference at that position
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * (a - b).abs().amax(-1)
+    assert clear.float().mean() > 0.5 and (a.argmax(-1) == b.argmax(-1))[clear].all()
+    theirs = _hf_selected(hf, x)
+    for layer in ours.config.moe_layers:
+        mine = cache[f"blocks.{layer}.moe.hook_topk_idx"].flatten(0, 1)
+        overlap = sum(len(set(p) & set(q)) for p, q in zip(mine.tolist(), theirs[layer].tolist(), strict=True))
+        assert overlap / mine.numel() >= 0.95, f"layer {layer}: routing overlap {overlap / mine.numel():.3f}"
+    prompt = x[:1, :6]
+    with torch.inference_mode():
+        mine = ours.generate(prompt, max_new_tokens=8, eos_token_id=())
+        ref = hf.generate(prompt, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    assert torch.equal(mine, ref)
+    assert len(set(mine[0, 6:].tolist())) > 1  # not one token repeated: the check means something
+
+
+def _hf_selected(hf, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """layer -> experts transformers selects ``[n topk]`` (its gate's forward output)."""
+    selected, handles = {}, []
+    for i, layer in enumerate(hf.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(gate, torch.nn.Module) and hasattr(gate, "moe_statics"):
+            hook = lambda mod, args, out, i=i: selected.__setitem__(i, out[2])  # noqa: E731
+            handles.append(gate.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            hf(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return selected
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantized_bytes_match_info(widths_21b, fmt, capsys):
+    """The loaded model's bytes are within 2% of what ``ernie-lab info --quantization`` predicts, and
+    its logits stay close to the bf16 model's."""
+    directory, hf = widths_21b
+    assert cli.main(["info", str(directory), "--json", "--quantization", fmt]) == 0
+    predicted = json.loads(capsys.readouterr().out)["memory"]["total"]
+    model = el.load_model(directory, dtype=torch.bfloat16, quantization=fmt)
+    got = model.get_memory_footprint()
+    assert abs(got - predicted) <= 0.02 * predicted, f"{fmt}: {got} bytes loaded, {predicted} predicted"
+    x = ids(batch=1, seed=1)
+    with torch.inference_mode():
+        a, b = model(x).float(), hf(x).logits.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    # random Gaussian weights have no structure for 4 bits to keep: ~9% rms error per weight, compounded
+    assert rel < (0.5 if fmt == "nf4" else 0.1), f"{fmt}: relative logit error {rel:.3f} against bf16"
