@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ernie_lab.distributed.group import broadcast_from_first
-from ernie_lab.generation.cuda_graph import GraphedDecodeStep, graph_refusal
+from ernie_lab.generation.cuda_graph import GraphedDecodeStep, compile_refusal, graph_refusal
 from ernie_lab.generation.options import check_options
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
@@ -263,7 +263,8 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     a static KV cache (:class:`~ernie_lab.generation.cuda_graph.GraphedDecodeStep`: one replay per
     step instead of one launch per kernel); hooks attached later make single steps eager. Models that
     cannot be captured (:func:`~ernie_lab.generation.cuda_graph.graph_refusal`) decode eagerly there,
-    with a log warning saying why.
+    and models that cannot be compiled (offloaded or expert-parallel experts, tensor parallel:
+    :func:`~ernie_lab.generation.cuda_graph.compile_refusal`) on the CPU, with a log warning saying why.
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
@@ -280,6 +281,10 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
         logger.warning("compile=True: no CUDA graph, decode steps run eagerly: %s", why)
         return eager
     if on_cpu_batched:
+        return eager
+    why = compile_refusal(model)
+    if why is not None:
+        logger.warning("compile=True: decode steps run eagerly, not compiled: %s", why)
         return eager
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)

@@ -49,8 +49,9 @@ def check_offload(offload: str | None, expert_slots: int | None, n_expert: int |
 class OffloadedExperts(nn.Module):
     """Routed experts in host memory computed through ``slots`` device slots (see module doc)."""
 
-    # read by generation's CUDA-graph step: which experts to fetch is decided on the host per step
-    cuda_graph_refusal = "offloaded experts are fetched into their slots by host-side logic at every step"
+    # read by generate(compile=True): which experts to fetch is decided on the host per step,
+    # which neither a CUDA graph nor torch.compile can hold
+    compile_refusal = "offloaded experts are fetched into their slots by host-side logic at every step"
 
     def __init__(self, inner: nn.Module, slots: int, device: torch.device | str):
         super().__init__()
