@@ -12,6 +12,7 @@ one model is resident at a time. Each checkpoint is built once per class. Marked
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ LOGIT_SCALE = 50.0  # final-norm gain: decisive greedy margins without changing 
 BF16_REL = 2e-2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")  # freed before the 300B class builds its model
 def widths_21b(tmp_path_factory):
     """(directory, transformers model in bf16) of a 3-layer model at 21B-A3B's widths."""
     from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
@@ -47,46 +48,12 @@ def widths_21b(tmp_path_factory):
                 buffer.normal_(0.0, 0.01)
     directory = tmp_path_factory.mktemp("widths_21b") / "ckpt"
     hf.save_pretrained(directory)
-    return directory, hf
+    yield directory, hf
+    shutil.rmtree(directory)  # 4 GB: not left in pytest's kept temporary folders
 
 
 def ids(batch: int = 2, pos: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 103424, (batch, pos), generator=torch.Generator().manual_seed(seed))
-
-
-def test_widths_are_21b_a3b(widths_21b):
-    ours_cfg = el.ErnieConfig.from_hf(widths_21b[0] / "config.json")
-    full = el.ErnieConfig.preset("21b-a3b")
-    assert ours_cfg == full.replace(num_hidden_layers=3, moe_layer_end_index=2)
-    assert ours_cfg.moe_layers == [1, 2]
-
-
-def test_bf16_logits_routing_and_greedy_tokens_match_transformers(widths_21b):
-    directory, hf = widths_21b
-    ours = el.load_model(directory, dtype=torch.bfloat16)
-    x = ids()
-    wanted = ("hook_router_logits", "hook_topk_idx")
-    with torch.inference_mode():
-        a, cache = ours.run_with_cache(x, names_filter=lambda n: n.endswith(wanted))
-        b = hf(x, output_router_logits=False).logits
-    a, b = a.float(), b.float()
-    rel = ((a - b).norm() / b.norm()).item()
-    assert rel < BF16_REL, f"relative logit error {rel:.2e}"
-    # argmax agrees wherever transformers' top-2 margin exceeds twice the worst difference at that position
-    top2 = b.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 2 * (a - b).abs().amax(-1)
-    assert clear.float().mean() > 0.5 and (a.argmax(-1) == b.argmax(-1))[clear].all()
-    theirs = _hf_selected(hf, x)
-    for layer in ours.config.moe_layers:
-        mine = cache[f"blocks.{layer}.moe.hook_topk_idx"].flatten(0, 1)
-        overlap = sum(len(set(p) & set(q)) for p, q in zip(mine.tolist(), theirs[layer].tolist(), strict=True))
-        assert overlap / mine.numel() >= 0.95, f"layer {layer}: routing overlap {overlap / mine.numel():.3f}"
-    prompt = x[:1, :6]
-    with torch.inference_mode():
-        mine = ours.generate(prompt, max_new_tokens=8, eos_token_id=())
-        ref = hf.generate(prompt, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
-    assert torch.equal(mine, ref)
-    assert len(set(mine[0, 6:].tolist())) > 1  # not one token repeated: the check means something
 
 
 def _hf_selected(hf, x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -106,63 +73,107 @@ def _hf_selected(hf, x: torch.Tensor) -> dict[int, torch.Tensor]:
     return selected
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_quantized_bytes_match_info(widths_21b, fmt, capsys):
-    """The loaded model's bytes are within 2% of what ``ernie-lab info --quantization`` predicts, and
-    its logits stay close to the bf16 model's."""
-    directory, hf = widths_21b
-    assert cli.main(["info", str(directory), "--json", "--quantization", fmt]) == 0
-    predicted = json.loads(capsys.readouterr().out)["memory"]["total"]
-    model = el.load_model(directory, dtype=torch.bfloat16, quantization=fmt)
-    got = model.get_memory_footprint()
-    assert abs(got - predicted) <= 0.02 * predicted, f"{fmt}: {got} bytes loaded, {predicted} predicted"
-    x = ids(batch=1, seed=1)
+class Test21BWidths:
+    """21B-A3B's exact widths at 3 layers against transformers, both models resident."""
+
+    def test_widths_are_21b_a3b(self, widths_21b):
+        ours_cfg = el.ErnieConfig.from_hf(widths_21b[0] / "config.json")
+        full = el.ErnieConfig.preset("21b-a3b")
+        assert ours_cfg == full.replace(num_hidden_layers=3, moe_layer_end_index=2)
+        assert ours_cfg.moe_layers == [1, 2]
+
+    def test_bf16_logits_routing_and_greedy_tokens_match_transformers(self, widths_21b):
+        directory, hf = widths_21b
+        ours = el.load_model(directory, dtype=torch.bfloat16)
+        x = ids()
+        wanted = ("hook_router_logits", "hook_topk_idx")
+        with torch.inference_mode():
+            a, cache = ours.run_with_cache(x, names_filter=lambda n: n.endswith(wanted))
+            b = hf(x, output_router_logits=False).logits
+        a, b = a.float(), b.float()
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < BF16_REL, f"relative logit error {rel:.2e}"
+        # argmax agrees wherever transformers' top-2 margin exceeds twice the worst difference at that position
+        top2 = b.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 2 * (a - b).abs().amax(-1)
+        assert clear.float().mean() > 0.5 and (a.argmax(-1) == b.argmax(-1))[clear].all()
+        theirs = _hf_selected(hf, x)
+        for layer in ours.config.moe_layers:
+            mine = cache[f"blocks.{layer}.moe.hook_topk_idx"].flatten(0, 1)
+            overlap = sum(len(set(p) & set(q)) for p, q in zip(mine.tolist(), theirs[layer].tolist(), strict=True))
+            assert overlap / mine.numel() >= 0.95, f"layer {layer}: routing overlap {overlap / mine.numel():.3f}"
+        prompt = x[:1, :6]
+        with torch.inference_mode():
+            mine = ours.generate(prompt, max_new_tokens=8, eos_token_id=())
+            ref = hf.generate(prompt, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+        assert torch.equal(mine, ref)
+        assert len(set(mine[0, 6:].tolist())) > 1  # not one token repeated: the check means something
+
+    @pytest.mark.parametrize("fmt", ["nf4", "int8"])
+    def test_quantized_bytes_match_info(self, widths_21b, fmt, capsys):
+        """The loaded model's bytes are within 2% of what ``ernie-lab info --quantization`` predicts, and
+        its logits stay close to the bf16 model's."""
+        directory, hf = widths_21b
+        assert cli.main(["info", str(directory), "--json", "--quantization", fmt]) == 0
+        predicted = json.loads(capsys.readouterr().out)["memory"]["total"]
+        model = el.load_model(directory, dtype=torch.bfloat16, quantization=fmt)
+        got = model.get_memory_footprint()
+        assert abs(got - predicted) <= 0.02 * predicted, f"{fmt}: {got} bytes loaded, {predicted} predicted"
+        x = ids(batch=1, seed=1)
+        with torch.inference_mode():
+            a, b = model(x).float(), hf(x).logits.float()
+        rel = ((a - b).norm() / b.norm()).item()
+        # random Gaussian weights have no structure for 4 bits to keep: ~9% rms error per weight, compounded
+        assert rel < (0.5 if fmt == "nf4" else 0.1), f"{fmt}: relative logit error {rel:.3f} against bf16"
+
+
+@pytest.fixture(scope="class")
+def reference_300b(tmp_path_factory):
+    """(directory, transformers' logits, selected experts and greedy tokens) at 300B-A47B's widths (16
+    experts, 2 layers), its model freed."""
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    cfg = el.ErnieConfig.preset("300b-a47b").replace(
+        num_hidden_layers=2, moe_num_experts=16, moe_layer_start_index=1, moe_layer_end_index=1
+    )
+    hf_dict = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # never fp32: 16 GB would not fit beside the rest
+    try:
+        with torch.device("meta"):
+            hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**hf_dict)).eval()
+        hf.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(default)
+    torch.manual_seed(0)
+    bound = cfg.initializer_range * 3**0.5  # uniform of std initializer_range: faster than normal_
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.uniform_(-bound, bound)
+        hf.model.norm.weight.fill_(LOGIT_SCALE)
+        for name, buffer in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.normal_(0.0, 0.01)
+            elif "inv_freq" in name:  # rotary frequencies were left uninitialised on meta
+                d = buffer.numel() * 2
+                buffer.copy_(1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    directory = tmp_path_factory.mktemp("widths_300b") / "ckpt"
+    hf.save_pretrained(directory)
+    x = ids()
     with torch.inference_mode():
-        a, b = model(x).float(), hf(x).logits.float()
-    rel = ((a - b).norm() / b.norm()).item()
-    # random Gaussian weights have no structure for 4 bits to keep: ~9% rms error per weight, compounded
-    assert rel < (0.5 if fmt == "nf4" else 0.1), f"{fmt}: relative logit error {rel:.3f} against bf16"
+        logits = hf(x).logits.float()
+        tokens = hf.generate(x[:1, :6], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    selected = _hf_selected(hf, x)
+    del hf
+    yield directory, logits, selected, tokens
+    shutil.rmtree(directory)  # 7.7 GB: not left in pytest's kept temporary folders
 
 
 class Test300BWidths:
     """300B-A47B's widths (16 experts, 2 layers) against transformers' outputs, one model at a time."""
 
-    @pytest.fixture(scope="class")
-    def reference(self, tmp_path_factory):
-        """(directory, transformers' logits, selected experts and greedy tokens), its model freed."""
-        from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
-
-        cfg = el.ErnieConfig.preset("300b-a47b").replace(
-            num_hidden_layers=2, moe_num_experts=16, moe_layer_start_index=1, moe_layer_end_index=1
-        )
-        hf_dict = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}
-        with torch.device("meta"):
-            hf = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(**hf_dict)).eval()
-        hf.to_empty(device="cpu").to(torch.bfloat16)  # never fp32: 16 GB would not fit beside the rest
-        torch.manual_seed(0)
-        bound = cfg.initializer_range * 3**0.5  # uniform of std initializer_range: faster than normal_
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                p.fill_(1.0) if "norm" in name else p.uniform_(-bound, bound)
-            hf.model.norm.weight.fill_(LOGIT_SCALE)
-            for name, buffer in hf.named_buffers():
-                if "e_score_correction_bias" in name:
-                    buffer.normal_(0.0, 0.01)
-                elif "inv_freq" in name:  # rotary frequencies were left uninitialised on meta
-                    d = buffer.numel() * 2
-                    buffer.copy_(1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        directory = tmp_path_factory.mktemp("widths_300b") / "ckpt"
-        hf.save_pretrained(directory)
-        x = ids()
-        with torch.inference_mode():
-            logits = hf(x).logits.float()
-            tokens = hf.generate(x[:1, :6], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
-        selected = _hf_selected(hf, x)
-        del hf
-        return directory, logits, selected, tokens
-
-    def test_bf16_logits_routing_and_greedy_tokens_match_transformers(self, reference):
-        directory, b, theirs, ref_tokens = reference
+    def test_bf16_logits_routing_and_greedy_tokens_match_transformers(self, reference_300b):
+        directory, b, theirs, ref_tokens = reference_300b
         ours = el.load_model(directory, dtype=torch.bfloat16)
         assert ours.config.hidden_size == 8192 and ours.config.num_attention_heads == 64
         x = ids()
@@ -180,8 +191,8 @@ class Test300BWidths:
         assert overlap / mine.numel() >= 0.95, f"routing overlap {overlap / mine.numel():.3f}"
         assert torch.equal(tokens, ref_tokens) and len(set(tokens[0, 6:].tolist())) > 1
 
-    def test_int8_bytes_match_info(self, reference, capsys):
-        directory = reference[0]
+    def test_int8_bytes_match_info(self, reference_300b, capsys):
+        directory = reference_300b[0]
         assert cli.main(["info", str(directory), "--json", "--quantization", "int8"]) == 0
         predicted = json.loads(capsys.readouterr().out)["memory"]["total"]
         got = el.load_model(directory, dtype=torch.bfloat16, quantization="int8").get_memory_footprint()
