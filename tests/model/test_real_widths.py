@@ -1,5 +1,6 @@
 """The released models' exact widths on the CPU, saved by transformers in bf16 and compared with it:
-bf16 logits, routing, greedy tokens; quantized bytes against ``ernie-lab info``'s prediction.
+bf16 logits, routing, greedy tokens; quantized bytes against ``ernie-lab info``'s prediction; at 21B's
+widths also ``tp_plan="auto"`` on 2 gloo processes against one.
 
 21B-A3B (3 layers: one dense, two MoE): hidden 2560, 20 query / 4 key-value heads of 128, dense width
 12288, 64 experts of width 1536 (top-6) + 2 shared, vocab 103424, tied embeddings: ~2.0B parameters,
@@ -19,12 +20,14 @@ import torch
 
 import ernie_lab as el
 from ernie_lab import cli
+from ernie_lab.distributed import spawn
 
 pytestmark = pytest.mark.slow
 LOGIT_SCALE = 50.0  # final-norm gain: decisive greedy margins without changing the residual stream
 # two bf16 implementations differ by rounding order (measured 4.3e-3 at 21B's widths, 1.0e-2 at 300B's,
 # whose 28672-wide dense layer sums longer); a wrong mapping or formula gives errors of order 1
 BF16_REL = 2e-2
+TP_REL = 1e-4  # fp32: split sums only reorder additions
 
 
 @pytest.fixture(scope="class")  # freed before the 300B class builds its model
@@ -109,6 +112,22 @@ class Test21BWidths:
         assert torch.equal(mine, ref)
         assert len(set(mine[0, 6:].tolist())) > 1  # not one token repeated: the check means something
 
+    def test_two_rank_tensor_parallel_equals_one_process(self, widths_21b):
+        """``tp_plan="auto"`` on 2 gloo processes at these widths equals one process: in fp32 (the bf16
+        checkpoint read exactly), up to the round-off of the split sums; the same greedy tokens."""
+        directory = widths_21b[0]
+        one = el.load_model(directory, dtype=torch.float32)
+        x = ids(seed=2)
+        with torch.inference_mode():
+            ref, ref_tokens = one(x), one.generate(x[:1, :6], max_new_tokens=4, eos_token_id=())
+        del one  # the two ranks load their own halves
+        for rank in spawn(_tp_rank, 2, str(directory), x):
+            rel = ((rank["logits"] - ref).norm() / ref.norm()).item()
+            assert rel < TP_REL, f"relative logit error {rel:.2e} against one process"
+            assert torch.equal(rank["logits"].argmax(-1), ref.argmax(-1))
+            assert torch.equal(rank["tokens"], ref_tokens)
+            assert rank["experts"] == 32  # each rank holds half of every MoE layer's 64 experts
+
     @pytest.mark.parametrize("fmt", ["nf4", "int8"])
     def test_quantized_bytes_match_info(self, widths_21b, fmt, capsys):
         """The loaded model's bytes are within 2% of what ``ernie-lab info --quantization`` predicts, and
@@ -125,6 +144,15 @@ class Test21BWidths:
         rel = ((a - b).norm() / b.norm()).item()
         # random Gaussian weights have no structure for 4 bits to keep: ~9% rms error per weight, compounded
         assert rel < (0.5 if fmt == "nf4" else 0.1), f"{fmt}: relative logit error {rel:.3f} against bf16"
+
+
+def _tp_rank(directory: str, x: torch.Tensor) -> dict:
+    """One process of the 2-rank tensor-parallel check: its logits, greedy tokens and expert count."""
+    model = el.load_model(directory, dtype=torch.float32, tp_plan="auto")
+    with torch.inference_mode():
+        logits = model(x)
+        tokens = model.generate(x[:1, :6], max_new_tokens=4, eos_token_id=())
+    return {"logits": logits, "tokens": tokens, "experts": model.blocks[1].mlp.experts.gate_up_proj.shape[0]}
 
 
 @pytest.fixture(scope="class")
