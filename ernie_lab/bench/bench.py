@@ -26,12 +26,9 @@ from ernie_lab.bench.op_count import decode_op_count, transformers_decode_op_cou
 from ernie_lab.generation.generate import generate
 from ernie_lab.io.weights import load_model
 from ernie_lab.model.config import ErnieConfig
-from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.hook_points import HookPoint
 from ernie_lab.model.kv_cache import KVCache
-from ernie_lab.model.offload import device_bytes, offload_experts
-from ernie_lab.model.params import count_params
-from ernie_lab.model.quant import quantize_model
+from ernie_lab.model.params import stored_active_bytes
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,19 @@ def _row(figure: str, ours: float, theirs: float | None, unit: str, note: str = 
     return dict(figure=figure, ours=ours, transformers=theirs, ratio=ratio, unit=unit, note=note)
 
 
+STEADY_NOTE = "; decode steps only: generate(n) - generate(2)"
+
+
+def decode_seconds(*runs: Callable[..., object], n: int, repeats: int, device: str, steady: bool) -> list[float]:
+    """Seconds of each ``run(m)`` generating ``n`` tokens. ``steady`` (compiled decode): the time of
+    ``n`` decode steps alone, ``(t(n) - t(2)) * n / (n - 2)``, so the prefill, warm-up and graph
+    capture that every ``generate`` call pays stay outside the timed region, on every side alike."""
+    if not steady or n <= 2:
+        return interleaved_medians(list(runs), repeats, device)
+    times = interleaved_medians([f for run in runs for f in (run, lambda run=run: run(2))], repeats, device)
+    return [(times[i] - times[i + 1]) * n / (n - 2) for i in range(0, len(times), 2)]
+
+
 # ---------------------------------------------------------------------------------------- figures
 def bench_prefill(ours, theirs, sizes: BenchSizes, repeats: int, device: str) -> list[dict]:
     """Tokens/s of one forward over ``prefill_tokens`` tokens at batch 1 (full logits both sides)."""
@@ -122,19 +132,19 @@ def bench_decode(
     n = sizes.new_tokens
     out: dict[str, torch.Tensor] = {}
 
-    def run_ours():
-        out["ours"] = generate(ours, ids, max_new_tokens=n, compile=compile, eos_token_id=())  # exactly n tokens
+    def run_ours(m: int = n):
+        out[f"ours{m}"] = generate(ours, ids, max_new_tokens=m, compile=compile, eos_token_id=())  # exactly m
 
-    def run_theirs():
+    def run_theirs(m: int = n):
         with torch.inference_mode():
-            out["theirs"] = theirs.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0
+            out[f"theirs{m}"] = theirs.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=m, min_new_tokens=m, pad_token_id=0
             )
 
-    t_ours, t_theirs = interleaved_medians([run_ours, run_theirs], repeats, device)
-    same = (out["ours"][:, -n:] == out["theirs"][:, -n:]).float().mean().item()
+    t_ours, t_theirs = decode_seconds(run_ours, run_theirs, n=n, repeats=repeats, device=device, steady=compile)
+    same = (out[f"ours{n}"][:, -n:] == out[f"theirs{n}"][:, -n:]).float().mean().item()
     name = "decode" if batch == 1 else f"batched decode (batch {batch})"
-    note = f"{n} new after {sizes.prompt_tokens}; {same:.0%} tokens agree"
+    note = f"{n} new after {sizes.prompt_tokens}; {same:.0%} tokens agree" + (STEADY_NOTE if compile else "")
     return [_row(name, batch * n / t_ours, batch * n / t_theirs, "new tokens/s", note)]
 
 
@@ -304,11 +314,11 @@ def bandwidth_row(model, decode_tps: float, device: str) -> dict:
     """Batch-1 decode tokens/s as a fraction of the memory-bandwidth limit.
 
     The limit is (measured copy bandwidth) / (bytes of the weights one token reads: attention, dense
-    MLPs, shared experts, ``moe_k`` routed experts, router, embedding and LM head).
+    MLPs, shared experts, ``moe_k`` routed experts, router, embedding and LM head), counted on the
+    model's stored tensors (:func:`~ernie_lab.model.params.stored_active_bytes`: quantized bytes for a
+    quantized model).
     """
-
-    dtype = model.model.embed_tokens.weight.dtype
-    active = count_params(model.config)["active_bytes"]["fp32" if dtype == torch.float32 else "bf16"]
+    active = stored_active_bytes(model)
     bandwidth = copy_bandwidth(device)
     limit = bandwidth / active
     note = f"{active / 2**20:.0f} MiB/token at {bandwidth / 1e9:.0f} GB/s copy bandwidth = {limit:.0f} tokens/s"
@@ -349,58 +359,4 @@ def run_bench(
         rows += bench_full_cache(ours, sizes, repeats, device)
         del ours, theirs
         rows += bench_load(directory)
-    return pd.DataFrame(rows)
-
-
-def run_real_shape(
-    dtype: torch.dtype = torch.bfloat16,
-    device: str = "cuda",
-    repeats: int = 3,
-    preset: str = "21b-a3b",
-    seed: int = 0,
-    compile: bool = False,
-    sizes: BenchSizes = FULL,
-    quantization: str | None = None,
-    expert_slots: int | None = None,
-) -> pd.DataFrame:
-    """ERNIE-4.5-21B-A3B's real shape with random weights, ours only (two copies of 21B parameters do
-    not fit beside each other on one 80 GB GPU): prefill, decode and the bandwidth fraction.
-
-    The model is built directly on ``device`` in ``dtype`` (never as fp32 on the host), then
-    quantized (``quantization``) and/or its experts offloaded to host memory with ``expert_slots``
-    device slots per layer; a row then gives the weights' bytes on the device."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--real-shape needs a CUDA GPU (the 21B-A3B shape takes ~42 GB in bf16)")
-
-    cfg = ErnieConfig.preset(preset)
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: an fp32 21B model would not fit
-    try:
-        with torch.device(device):
-            model = ErnieMoE(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    if quantization is not None:
-        quantize_model(model, quantization)
-    if expert_slots is not None:
-        offload_experts(model, expert_slots, device)
-    rows = []
-    if quantization is not None or expert_slots is not None:
-        rows.append(_row("weights on the device", device_bytes(model) / 2**30, None, "GiB", f"{quantization or dtype}"))
-    ids = torch.randint(0, cfg.vocab_size, (1, sizes.prefill_tokens), device=device)
-    with torch.inference_mode():
-        (t,) = interleaved_medians([lambda: model(ids)], repeats, device)
-    rows.append(_row("prefill", sizes.prefill_tokens / t, None, "tokens/s", f"{sizes.prefill_tokens} tokens"))
-    for batch in (1, sizes.batch):
-        prompt = torch.randint(0, cfg.vocab_size, (batch, sizes.prompt_tokens), device=device)
-        run = lambda p=prompt: generate(model, p, max_new_tokens=sizes.new_tokens, compile=compile, eos_token_id=())
-        (t,) = interleaved_medians([run], repeats, device)
-        name = "decode" if batch == 1 else f"batched decode (batch {batch})"
-        rows.append(_row(name, batch * sizes.new_tokens / t, None, "new tokens/s", f"{preset}, {dtype}"))
-        if batch == 1:
-            rows.append(bandwidth_row(model, rows[-1]["ours"], device))
-    if str(device).startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        rows.append(_row("peak GPU memory", peak, None, "GiB"))
     return pd.DataFrame(rows)

@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ernie_lab.bench.bench import run_bench, run_real_shape
+    from ernie_lab.bench.bench import run_bench
+    from ernie_lab.bench.real_shape import run_real_shape
     from ernie_lab.io.weights import parse_dtype
 
     if args.repeats < 1:

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root).returncode
     if code != 0 or not args.gpu:
         return code
-    from ernie_lab.bench.bench import run_real_shape
+    from ernie_lab.bench.real_shape import run_real_shape
     from ernie_lab.commands.bench import format_table, header
 
     table = run_real_shape(device="cuda", repeats=args.repeats, compile=True)

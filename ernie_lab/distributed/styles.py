@@ -145,6 +145,8 @@ class ExpertShardExperts(Experts):
 
     first = 0
     expert_subset = True  # the MoE block's gathered decode path needs every expert
+    # read by generate(compile=True): without the gathered path each step reads expert ids on the host
+    compile_refusal = "expert-parallel experts read the selected expert ids on the host"
 
     def _mine(self, e: int) -> bool:
         return self.first <= e < self.first + self.gate_up_proj.shape[0]

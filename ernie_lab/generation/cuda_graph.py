@@ -8,6 +8,10 @@ later step is one ``replay()``.
 
 Hooks: a step runs eagerly (through the same static cache) whenever any hook point is active, so
 hooks attached between two steps of a ``stream`` fire as usual.
+
+Some models cannot be captured: :func:`graph_refusal` says why (offloaded or expert-parallel experts,
+a tensor-parallel split, more than ``GATHER_MAX_SLOTS`` routed slots per step), and their decode steps
+stay eager.
 """
 
 from __future__ import annotations
@@ -15,6 +19,40 @@ from __future__ import annotations
 import torch
 
 from ernie_lab.model.kv_cache import KVCache
+from ernie_lab.model.moe import GATHER_MAX_SLOTS
+
+
+def compile_refusal(model) -> str | None:
+    """Why ``model``'s decode step cannot be compiled (``torch.compile``) or captured at all, or None:
+    modules whose experts need the host at every step say so in ``compile_refusal``; a tensor-parallel
+    model's collectives are neither captured nor traced."""
+    for module in model.modules():
+        why = getattr(module, "compile_refusal", None)
+        if why:
+            return why
+    if getattr(model, "tp_mesh", None) is not None:
+        return "a tensor-parallel model's collectives are not compiled"
+    return None
+
+
+def graph_refusal(model, batch: int) -> str | None:
+    """Why ``model``'s one-token step at ``batch`` rows cannot be one CUDA graph, or None.
+
+    Capture records kernels only: any host sync (``.tolist()``, ``.item()``, ``nonzero``) inside the
+    step fails the capture. The MoE block's graph-safe path gathers the selected experts' weights
+    (no host sync), bounded to ``GATHER_MAX_SLOTS`` (token, expert) slots per layer so its copies stay
+    small; see also :func:`compile_refusal`.
+    """
+    why = compile_refusal(model)
+    if why:
+        return why
+    slots = batch * model.config.moe_k
+    if model.config.moe_layers and slots > GATHER_MAX_SLOTS:
+        return (
+            f"batch {batch} x top-{model.config.moe_k} = {slots} expert slots per layer exceeds the "
+            f"{GATHER_MAX_SLOTS} the graph-safe gathered path copies"
+        )
+    return None
 
 
 class GraphedDecodeStep:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ernie_lab.distributed.group import broadcast_from_first
-from ernie_lab.generation.cuda_graph import GraphedDecodeStep
+from ernie_lab.generation.cuda_graph import GraphedDecodeStep, compile_refusal, graph_refusal
 from ernie_lab.generation.options import check_options
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
@@ -261,17 +261,31 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
     only batch 1 is compiled there: batched steps sort tokens by expert, which ran slower compiled
     than eager (146 vs 167 tokens/s at batch 8). On one CUDA device the step is a CUDA graph over
     a static KV cache (:class:`~ernie_lab.generation.cuda_graph.GraphedDecodeStep`: one replay per
-    step instead of one launch per kernel); hooks attached later make single steps eager.
+    step instead of one launch per kernel); hooks attached later make single steps eager. Models that
+    cannot be captured (:func:`~ernie_lab.generation.cuda_graph.graph_refusal`) decode eagerly there,
+    and models that cannot be compiled (offloaded or expert-parallel experts, tensor parallel:
+    :func:`~ernie_lab.generation.cuda_graph.compile_refusal`) on the CPU, with a log warning saying why.
     """
     weight = model.model.embed_tokens.weight
     on_cpu_batched = weight.device.type == "cpu" and batch > 1
     hooked = any(hp.active for hp in model.hook_dict.values())
     if compile and hooked:
         logger.info("compile=True: hooks are attached, so decode steps run eagerly (hooks see every step)")
-    if not compile or on_cpu_batched or hooked:
-        return lambda ids, cache: model.forward_unchecked(ids, None, cache)
-    if weight.device.type == "cuda" and all(p.device == weight.device for p in model.parameters()):
-        return GraphedDecodeStep(model)
+    eager = lambda ids, cache: model.forward_unchecked(ids, None, cache)  # noqa: E731
+    if not compile or hooked:
+        return eager
+    if _on_one_cuda_device(model):
+        why = graph_refusal(model, batch)
+        if why is None:
+            return GraphedDecodeStep(model)
+        logger.warning("compile=True: no CUDA graph, decode steps run eagerly: %s", why)
+        return eager
+    if on_cpu_batched:
+        return eager
+    why = compile_refusal(model)
+    if why is not None:
+        logger.warning("compile=True: decode steps run eagerly, not compiled: %s", why)
+        return eager
     compiled_by = model.__dict__.setdefault("_compiled_decode", {})
     key = (weight.dtype, weight.device)
     if key not in compiled_by:
@@ -286,6 +300,11 @@ def _decode_step(model, compile: bool, batch: int = 1) -> Callable[[torch.Tensor
             return compiled(ids, None, cache)
 
     return step
+
+
+def _on_one_cuda_device(model) -> bool:
+    weight = model.model.embed_tokens.weight
+    return weight.device.type == "cuda" and all(p.device == weight.device for p in model.parameters())
 
 
 def _hit_stop_strings(ids, finished, texts, tokenizer, stops) -> torch.Tensor:

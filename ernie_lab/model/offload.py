@@ -12,6 +12,12 @@ hit (and becomes most recently used); otherwise it is a miss: the least recently
 refilled from host memory (on a side CUDA stream where one exists). ``down`` for the expert just
 used is free; only when the hooked path has evicted it in between is it fetched (and counted) again.
 On the CPU "device" and host are the same memory, but pool, LRU and statistics work the same.
+
+Edits: the host tensors are the model's weights (``state_dict``, ``load_state_dict``, in-place edits of
+``mlp.experts.*`` all reach them). Each call first compares every host tensor's version counter
+(``tensor._version``, bumped by every in-place write, ``load_state_dict``'s copies included) and
+storage with what the slots were filled from; on any change all slots of the layer are emptied, so the
+next use refills them from the edited weights (counted as misses).
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ def check_offload(offload: str | None, expert_slots: int | None, n_expert: int |
 class OffloadedExperts(nn.Module):
     """Routed experts in host memory computed through ``slots`` device slots (see module doc)."""
 
+    # read by generate(compile=True): which experts to fetch is decided on the host per step,
+    # which neither a CUDA graph nor torch.compile can hold
+    compile_refusal = "offloaded experts are fetched into their slots by host-side logic at every step"
+
     def __init__(self, inner: nn.Module, slots: int, device: torch.device | str):
         super().__init__()
         device = torch.device(device)
@@ -51,19 +61,22 @@ class OffloadedExperts(nn.Module):
         self.__dict__["inner"] = inner  # not a submodule: its tensors are re-pointed at the slots
         pin = torch.cuda.is_available()
         for name in self.names:
-            host = getattr(inner, name).detach().to("cpu")
+            host = _trackable(getattr(inner, name).detach().to("cpu"))
             self.register_buffer(name, host.pin_memory() if pin else host)
             pool = torch.empty(slots, *host.shape[1:], dtype=host.dtype, device=device)
             self.register_buffer(f"slots_{name}", pool, persistent=False)
         self._lru: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self._filled_from: tuple = ()  # the host tensors' (version, storage) the slots were filled from
         self.reset_stats()
         self._point_inner()
 
     # ------------------------------------------------------------------ the Experts interface
     def post(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        self._follow_host()
         return self.inner.post(self._acquire(e), x)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        self._follow_host()  # a hook between post and down may have edited the weights
         slot = self._lru.get(e)
         if slot is None:
             slot = self._acquire(e)
@@ -72,12 +85,20 @@ class OffloadedExperts(nn.Module):
     def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights of the experts ``idx``, copied out of the slots one expert at a time (so any
         number of distinct experts works with any pool size)."""
+        self._follow_host()
         ids = idx.unique().tolist()
         weights = [self.inner.gather(torch.tensor([self._acquire(e)], device=idx.device), dtype) for e in ids]
         where = torch.searchsorted(torch.tensor(ids, device=idx.device), idx)
         return tuple(torch.cat([w[i] for w in weights])[where] for i in range(2))
 
     # ------------------------------------------------------------------ slots
+    def _follow_host(self) -> None:
+        """Empty the slots when a host tensor was written or replaced since they were filled."""
+        now = tuple((t._version, t.data_ptr()) for t in (self._buffers[n] for n in self.names))
+        if now != self._filled_from:
+            self._lru.clear()
+            self._filled_from = now
+
     def _acquire(self, e: int) -> int:
         """The slot holding expert ``e``, filling the least recently used one on a miss."""
         slot = self._lru.get(e)
@@ -95,8 +116,8 @@ class OffloadedExperts(nn.Module):
         pools = [getattr(self, f"slots_{n}") for n in self.names]
         hosts = [getattr(self, n)[e] for n in self.names]
         device = pools[0].device
-        if device.type == "cuda":
-            stream = self._side_stream(device)
+        stream = self._side_stream_for(device)
+        if stream is not None:
             current = torch.cuda.current_stream(device)
             stream.wait_stream(current)  # kernels still reading the evicted expert come first
             with torch.cuda.stream(stream):
@@ -108,7 +129,10 @@ class OffloadedExperts(nn.Module):
                 pool[slot].copy_(host)
         self.bytes_copied += sum(h.numel() * h.element_size() for h in hosts)
 
-    def _side_stream(self, device: torch.device):
+    def _side_stream_for(self, device: torch.device):
+        """The side CUDA stream copies to ``device`` run on (made once), or None off CUDA."""
+        if device.type != "cuda":
+            return None
         stream = self.__dict__.get("_stream")
         if stream is None or stream.device != device:
             stream = self.__dict__["_stream"] = torch.cuda.Stream(device)
@@ -137,7 +161,7 @@ class OffloadedExperts(nn.Module):
             if quantized and pool.dtype != pools[name].dtype:
                 pool = self._buffers[f"slots_{name}"] = torch.empty_like(pools[name], device=pool.device)
             if host.dtype != pool.dtype:
-                host = host.to(pool.dtype)
+                host = _trackable(host.to(pool.dtype))
                 host = host.pin_memory() if pin else host
             self._buffers[name] = host
         if quantized:
@@ -157,6 +181,15 @@ class OffloadedExperts(nn.Module):
         return (
             f"slots={self.n_slots}, experts={getattr(self, self.names[0]).shape[0]}, inner={type(self.inner).__name__}"
         )
+
+
+def _trackable(host: torch.Tensor) -> torch.Tensor:
+    """``host``, as a normal tensor: an inference tensor (made under ``torch.inference_mode``) has no
+    version counter, so in-place edits of it could not be seen by the slots."""
+    if not host.is_inference():
+        return host
+    with torch.inference_mode(False):
+        return host.clone()
 
 
 def offload_experts(model: nn.Module, expert_slots: int, device: torch.device | str | None = None) -> nn.Module:

@@ -137,3 +137,20 @@ def weight_bytes(
     if expert_slots is not None:
         device = total - experts + experts * expert_slots // config.moe_num_experts
     return {"total": total, "routed_experts": experts, "device": device}
+
+
+def stored_active_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one token reads, from ``model``'s own tensors as stored (quantized codes
+    and scales, offloaded experts' host copies counted as the slots they are read from): every
+    weight but the routed experts, plus ``moe_k / moe_num_experts`` of those (the selection rule of
+    ``active_bytes`` in :func:`count_params`, on real bytes)."""
+    cfg = model.config
+    share = cfg.moe_k / cfg.moe_num_experts
+    total, seen = 0.0, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied LM head is the embedding: counted once
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        total += nbytes * share if component_of(name) == "routed_experts" else nbytes
+    return round(total)

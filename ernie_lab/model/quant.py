@@ -11,16 +11,18 @@ Storage of one weight ``[rows cols]`` (a stack of experts adds a leading ``exper
     nf4 / fp4   qweight uint8 [rows*cols/2] (two codes per byte), absmax fp32 [rows*cols/64]:
                 bitsandbytes ``quantize_4bit``, blocks of 64 consecutive elements
     int8        qweight int8 [rows cols], scale fp32 [rows]: ``w ~= qweight * scale`` (symmetric,
-                row absmax / 127, bitsandbytes ``int8_vectorwise_quant``)
+                row absmax / 127, bitsandbytes' ``int8_vectorwise_quant`` formula, see :func:`int8_rows`)
 
 Every block lies inside one expert and one gate/up half, so quantizing hub tensors one by one while
 loading gives the same bytes as quantizing the stack. bitsandbytes is imported on first use only.
 
-int8 uses bitsandbytes rather than torchao: measured on a [1536 2560] weight, both give the same
-error (per-row absmax), but torchao's ``Int8WeightOnlyConfig`` makes an ``Int8Tensor`` subclass that
-only applies to ``nn.Linear`` (not the stacked experts) and has no ``aten.mm`` for the CPU decode
+int8 stores plain codes rather than torchao tensors: measured on a [1536 2560] weight, both give the
+same error (per-row absmax), but torchao's ``Int8WeightOnlyConfig`` makes an ``Int8Tensor`` subclass
+that only applies to ``nn.Linear`` (not the stacked experts) and has no ``aten.mm`` for the CPU decode
 kernel of :func:`~ernie_lab.model.layers.linear`; plain int8 codes with fp32 row scales serve the
-linears, the per-expert slices and the offload slots alike, from one dependency.
+linears, the per-expert slices and the offload slots alike. The codes follow bitsandbytes'
+``int8_vectorwise_quant`` formula, computed in torch (:func:`int8_rows`: its CUDA kernel takes fp16
+only); the ``quant`` extra is required for every format all the same.
 """
 
 from __future__ import annotations
@@ -73,14 +75,14 @@ class Codec:
 
     def encode_into(self, parts: dict[str, torch.Tensor], w: torch.Tensor, first_row: int = 0) -> None:
         """Quantize ``w [n cols]`` (rows ``first_row:first_row+n`` of the weight) into ``parts``."""
-        bnb = bitsandbytes_functional()
         w = w.detach().to(parts["qweight"].device).contiguous()
         if self.fmt == "int8":
-            q, absmax, _ = bnb.int8_vectorwise_quant(w.float())
+            q, absmax = int8_rows(w)
             rows = slice(first_row, first_row + w.shape[0])
             parts["qweight"][rows] = q
             parts["scale"][rows] = absmax / 127
             return
+        bnb = bitsandbytes_functional()
         start, n = first_row * w.shape[-1], w.numel()
         if start % BLOCKSIZE or n % BLOCKSIZE:
             raise ValueError(f"{self.fmt}: rows from {first_row} of width {w.shape[-1]} cross a {BLOCKSIZE}-block")
@@ -107,6 +109,20 @@ class Codec:
             out = linear(x, parts["qweight"].to(x.dtype)) * parts["scale"].to(x.dtype)
             return out if bias is None else out + bias
         return linear(x, self.dense(parts, shape, x.dtype), bias)
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes of ``w [rows cols]`` and each row's absmax ``[rows]`` (fp32).
+
+    bitsandbytes' ``int8_vectorwise_quant`` formula (``round(w * 127 / row absmax)``, the same codes as
+    its CPU kernel on fp32 input), computed here in fp32 on any device: its CUDA kernel takes fp16
+    only, which would round fp32 weights, overflow beyond 65504 and make the codes depend on the
+    device. An all-zero row gets codes 0 (the formula divides by 0 there).
+    """
+    w = w.float()
+    absmax = w.abs().amax(dim=-1)
+    q = torch.round(w * (127.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(-1))
+    return q.to(torch.int8), absmax
 
 
 def resolve_quantization(quantization=None, quantization_config=None) -> tuple[str | None, torch.dtype | None]:

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from ernie_lab.bench.bench import FULL, QUICK, hook_point_calls, run_real_shape
+from ernie_lab.bench.bench import FULL, QUICK, hook_point_calls
+from ernie_lab.bench.real_shape import run_real_shape
 from ernie_lab.cli import main
 
 FIGURES = [
@@ -81,3 +82,23 @@ def test_real_shape_code_path_on_a_tiny_preset():
     table = run_real_shape(dtype=torch.float32, device="cpu", preset="tiny", repeats=1, sizes=QUICK)
     assert table["figure"].tolist() == ["prefill", "decode", "decode / bandwidth limit", "batched decode (batch 2)"]
     assert (table["ours"] > 0).all()
+
+
+def test_steady_decode_time_leaves_prefill_and_capture_out(monkeypatch):
+    """Compiled decode is timed as ``(t(n) - t(2)) * n / (n - 2)``: a run costing ``fixed + m * step``
+    (prefill, warm-up, capture: ``fixed``) gives ``n * step``; eager runs are timed whole."""
+    from ernie_lab.bench import bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def run(m: int = 16, fixed: float = 5.0, step: float = 0.25):
+        calls.append(m)
+        clock[0] += fixed + m * step
+
+    steady = bench.decode_seconds(run, lambda m=16: run(m, 1.0, 0.5), n=16, repeats=3, device="cpu", steady=True)
+    assert steady == pytest.approx([16 * 0.25, 16 * 0.5])
+    assert sorted(set(calls)) == [2, 16]
+    (whole,) = bench.decode_seconds(run, n=16, repeats=3, device="cpu", steady=False)
+    assert whole == pytest.approx(5.0 + 16 * 0.25)

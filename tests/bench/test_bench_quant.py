@@ -44,7 +44,8 @@ def test_bench_variant_needs_a_variant():
 
 
 def test_real_shape_code_path_quantized_and_offloaded():
-    from ernie_lab.bench.bench import QUICK, run_real_shape
+    from ernie_lab.bench.bench import QUICK
+    from ernie_lab.bench.real_shape import run_real_shape
 
     table = run_real_shape(
         dtype=torch.float32, device="cpu", preset="tiny", repeats=1, sizes=QUICK, quantization="nf4", expert_slots=2

@@ -121,3 +121,16 @@ def test_gathered_decode_path_with_offloaded_experts(ckpt):
     xs = torch.randn(3, plain.shapes["down_proj"][0])
     assert torch.equal(_gathered_experts(off, xs, idx), _gathered_experts(plain, xs, idx))
     assert off.stats()["misses"] >= 5
+
+
+def test_compile_with_offloaded_experts_decodes_eagerly(ckpt, caplog):
+    """Which experts to fetch is decided on the host per step, which torch.compile cannot hold (it
+    failed inside inductor): ``compile=True`` runs eager steps, says why, and gives eager's tokens."""
+    import logging
+
+    model = el.load_model(ckpt, offload="experts", expert_slots=SLOTS)
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(prompt, max_new_tokens=6, compile=True)
+    assert "offloaded experts" in caplog.text
+    assert torch.equal(out, el.load_model(ckpt).generate(prompt, max_new_tokens=6))

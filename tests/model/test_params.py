@@ -80,3 +80,24 @@ def test_human():
     assert human(999) == "999"
     assert human(1536, "B") == "1.50 KiB"
     assert human(3 * 2**40, "B") == "3.00 TiB"
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4", "int8"])
+def test_stored_active_bytes_count_the_stored_tensors(quantization):
+    """The bytes one token reads (the bench's bandwidth limit) follow the stored format: equal to the
+    dense count in fp32, and to the quantized weights less the unselected share of the experts."""
+    import ernie_lab as el
+    from ernie_lab.model.params import stored_active_bytes, weight_bytes
+    from ernie_lab.model.quant import quantize_model
+
+    cfg = ErnieConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = el.ErnieMoE(cfg).eval()
+    if quantization is None:
+        assert stored_active_bytes(model) == count_params(cfg)["active_bytes"]["fp32"]
+        return
+    quantize_model(model, quantization)
+    stored = weight_bytes(cfg, quantization, torch.float32)
+    unselected = stored["routed_experts"] * (1 - cfg.moe_k / cfg.moe_num_experts)
+    assert stored_active_bytes(model) == pytest.approx(stored["total"] - unselected, abs=1)
+    assert stored_active_bytes(model) < 0.6 * count_params(cfg)["active_bytes"]["fp32"]
