@@ -24,6 +24,8 @@ _EXPORTS = {
     "HookPoint": "ernie_lab.model",
     "HookError": "ernie_lab.model",
     "ActivationCache": "ernie_lab.model",
+    "CacheExistsError": "ernie_lab.model",
+    "CacheFileError": "ernie_lab.model",
     "KVCache": "ernie_lab.model",
     "count_params": "ernie_lab.model",
     "load_model": "ernie_lab.distributed",
