@@ -2,10 +2,10 @@
 counts and device placement. Imports nothing from the other wings (``ErnieMoE.generate`` delegates
 to ``ernie_lab.generation`` at call time, as transformers' ``GenerationMixin`` does)."""
 
-from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
-from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.cache import ActivationCache
 from ernie_lab.model.cache_files import CacheExistsError, CacheFileError
+from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
+from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.hook_points import HookError, HookPoint
 from ernie_lab.model.kv_cache import KVCache
 from ernie_lab.model.params import count_params

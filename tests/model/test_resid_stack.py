@@ -69,7 +69,8 @@ def test_decompose_resid_sums_to_the_residual(model, run, per_expert):
     n = model.config.num_hidden_layers
     for layer in range(n + 1):
         target = cache[f"blocks.{layer}.hook_resid_pre"] if layer < n else cache[f"blocks.{n - 1}.hook_resid_post"]
-        torch.testing.assert_close(cache.decompose_resid(layer, per_expert=per_expert).sum(0), target, atol=1e-5, rtol=0)
+        parts = cache.decompose_resid(layer, per_expert=per_expert)
+        torch.testing.assert_close(parts.sum(0), target, atol=1e-5, rtol=0)
     for layer in range(n):
         mid = cache.decompose_resid(layer, mlp_input=True, per_expert=per_expert).sum(0)
         torch.testing.assert_close(mid, cache[f"blocks.{layer}.hook_resid_mid"], atol=1e-5, rtol=0)
