@@ -110,19 +110,20 @@ class ShortcutsMixin:
         return self.lm_head.weight[ids.to(self.lm_head.weight.device)]
 
     def warn_if_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Warn once per model when a batch holds the pad id but no ``attention_mask`` came with it:
-        the pad tokens would be read as text."""
+        """Warn once per model when a batch of rows starts or ends with the pad id but no
+        ``attention_mask`` came with it: the pad tokens would be read as text."""
         pad = self.config.pad_token_id
         if self._warned_padding or attention_mask is not None or pad is None or input_ids.shape[0] < 2:
             return
-        if bool((input_ids == pad).any()):
+        edges = input_ids[:, [0, -1]]  # padding sits at a row's start (left) or end (right)
+        if bool((edges == pad).any()):
             self._warned_padding = True
             warnings.warn(
                 f"input_ids hold the pad id {pad} but no attention_mask was given, so padding is read "
                 "as tokens; pass attention_mask (enc = model.tokenizer(texts); model(**enc) or "
                 "model(enc.input_ids, attention_mask=enc.attention_mask)). Warned once per model.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of model(...): past forward and nn.Module.__call__
             )
 
     # ------------------------------------------------------------------ weight views
