@@ -110,10 +110,11 @@ class ShortcutsMixin:
         return self.lm_head.weight[ids.to(self.lm_head.weight.device)]
 
     def warn_if_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Warn once per model when a batch of rows starts or ends with the pad id but no
-        ``attention_mask`` came with it: the pad tokens would be read as text."""
+        """Warn once per model (in eval mode) when a batch of rows starts or ends with the pad id but
+        no ``attention_mask`` came with it: the pad tokens would be read as text."""
         pad = self.config.pad_token_id
-        if self._warned_padding or attention_mask is not None or pad is None or input_ids.shape[0] < 2:
+        quiet = self._warned_padding or self.training  # training windows are packed text, not padded prompts
+        if quiet or attention_mask is not None or pad is None or input_ids.shape[0] < 2:
             return
         edges = input_ids[:, [0, -1]]  # padding sits at a row's start (left) or end (right)
         if bool((edges == pad).any()):
