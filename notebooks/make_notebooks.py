@@ -274,8 +274,8 @@ FROM_TL = [
     'assert last["rank"].tolist() == rank.tolist()  # the same numbers as by hand\n'
     'last[["rank", "prob", "top"]]',
     "el.lens.plot_logit_lens(lens)",
-    "The function `direct_logit_attribution` does the decomposition in one call, down to single experts (`expert` rows) and, "
-    "with `heads=True`, single attention heads (`head` rows, which split each `attn` row).",
+    "The function `direct_logit_attribution` does the decomposition in one call, down to single experts "
+    "(`expert` rows) and, with `heads=True`, single attention heads (`head` rows, which split each `attn` row).",
     "dla = el.ablation.direct_logit_attribution(model, tokens, answer, distractor, heads=True)\n"
     'dla.query("component == \'head\'").sort_values("contribution").tail(4)',
     "el.ablation.plot_dla(dla, top=12)",
