@@ -15,11 +15,16 @@ too).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+# frames inside these packages are not "the caller" a warning should point at
+_INTERNAL = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 
 class MissingTokenizerError(RuntimeError):
@@ -124,7 +129,7 @@ class ShortcutsMixin:
                 "as tokens; pass attention_mask (enc = model.tokenizer(texts); model(**enc) or "
                 "model(enc.input_ids, attention_mask=enc.attention_mask)). Warned once per model.",
                 UserWarning,
-                stacklevel=5,  # the caller of model(...): past forward and nn.Module.__call__
+                stacklevel=_caller_level(),
             )
 
     # ------------------------------------------------------------------ weight views
@@ -157,3 +162,11 @@ class ShortcutsMixin:
     def W_O(self) -> tuple[torch.Tensor, ...]:
         """Per layer ``[head d_head d_model]`` views of ``o_proj.weight``."""
         return tuple(b.self_attn.W_O for b in self.blocks)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside ernie_lab and torch (the user's ``model(...)`` line)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
