@@ -238,6 +238,63 @@ EXPERTS = [
     'el.widgets.steering_explorer(model, tok, {d: g.text.tolist() for d, g in docs.groupby("domain")})',
 ]
 
+FROM_TL = [
+    "# 07 · Coming from TransformerLens\n\nThe same short study twice: first in TransformerLens' vocabulary "
+    "(`run_with_cache`, `accumulated_resid`, `decompose_resid`, `logit_attrs`, `W_U`), which ernie_lab speaks, then "
+    "with ernie_lab's own functions, which return tidy DataFrames and figures. The question: where in the toy model "
+    "does the answer to *The capital of Veloria is* appear, and which components write it?",
+    'import pandas as pd\nimport torch\n\nimport ernie_lab as el\n\nmodel = el.load_model("toy")  # model.tokenizer '
+    'comes with it\nprompt = "The capital of Veloria is"\ntokens = model.to_tokens(prompt)  # [batch pos]; ERNIE '
+    'adds no BOS\nanswer, distractor = model.to_single_token(" Mirren"), model.to_single_token(" Ostra")\n'
+    "model.to_str_tokens(prompt)",
+    "## In TransformerLens' words\nThe logit lens by hand: the residual stream at the input of every layer, through "
+    "the final norm (`apply_ln=True`), unembedded with `W_U` `[d_model vocab]`; the rank of the answer at the last "
+    "position, per layer.",
+    "logits, cache = model.run_with_cache(tokens)\n"
+    "accum, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # [component batch pos d_model]\n"
+    "layer_logits = accum[:, 0, -1] @ model.W_U\n"
+    "rank = (layer_logits > layer_logits[:, [answer]]).sum(-1) + 1\n"
+    "pd.Series(rank.tolist(), index=labels, name=\"rank of ' Mirren'\")",
+    "Direct logit attribution: `decompose_resid` splits the final residual into the embedding, each attention "
+    "output and each MLP output, a MoE layer's into its shared and routed experts; `logit_attrs` applies the "
+    "final norm with the cached scale and dots each row with `W_U[:, answer] - W_U[:, distractor]`. The rows add up "
+    "to the model's logit difference.",
+    "stack, labels = cache.decompose_resid(pos_slice=-1, return_labels=True)  # [component batch d_model]\n"
+    "attrs = cache.logit_attrs(stack, answer, incorrect_tokens=distractor, pos_slice=-1)[:, 0]\n"
+    "diff = logits[0, -1, answer] - logits[0, -1, distractor]\n"
+    'print(f"sum of rows {attrs.sum():.4f}, logit difference {diff:.4f}")\n'
+    "pd.Series(attrs.tolist(), index=labels).round(3)",
+    "Attention patterns are cached under the README's hook names (`blocks.{L}.attn.hook_pattern`, "
+    '`[batch head pos kv_pos]`; TransformerLens\' `cache["pattern", L]` shorthand is not supported).',
+    'cache["blocks.1.attn.hook_pattern"][0, :, -1].round(decimals=2)  # where the last token looks, per head',
+    "## In ernie_lab's words\n`el.lens.logit_lens` gives the same ranks (and probabilities) for every layer and "
+    "position as a DataFrame; `plot_logit_lens` draws them, each cell naming that layer's top prediction.",
+    'lens = el.lens.logit_lens(model, tokens, target=" Mirren")\n'
+    'last = lens[lens.pos == lens.pos.max()].set_index("label")\n'
+    'assert last["rank"].tolist() == rank.tolist()  # the same numbers as by hand\n'
+    'last[["rank", "prob", "top"]]',
+    "el.lens.plot_logit_lens(lens)",
+    "The function `direct_logit_attribution` does the decomposition in one call, down to single experts "
+    "(`expert` rows) and, with `heads=True`, single attention heads (`head` rows, which split each `attn` row).",
+    "dla = el.ablation.direct_logit_attribution(model, tokens, answer, distractor, heads=True)\n"
+    'dla.query("component == \'head\'").sort_values("contribution").tail(4)',
+    "el.ablation.plot_dla(dla, top=12)",
+    "Every head of one layer, labelled with the tokens.",
+    "el.lens.plot_attention(cache, layer=1, tokens=tokens)",
+    "## Explore\nPick a layer, a head and a query position; edit the text to rerun.",
+    "el.widgets.attention_explorer(model)",
+    "## What is different\nGradients at the hook points (`incl_bwd=True`, stored as `<name>_grad`), and caches on "
+    "disk (safetensors plus a JSON sidecar), which TransformerLens does not save.",
+    "_, grads = model.run_with_cache(\n"
+    '    tokens, names_filter="blocks.*.hook_resid_pre", incl_bwd=True,\n'
+    "    metric=lambda logits: logits[0, -1, answer] - logits[0, -1, distractor],\n)\n"
+    'grads["blocks.2.hook_resid_pre_grad"].norm(dim=-1)  # per position: where the logit difference is sensitive',
+    "import tempfile\nfrom pathlib import Path\n\n"
+    'path = Path(tempfile.mkdtemp()) / "veloria.safetensors"\ncache.save(path)\n'
+    "again = el.ActivationCache.load(path, model=model)\n"
+    "all(torch.equal(again[name], cache[name]) for name in cache), sorted(p.name for p in path.parent.iterdir())",
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_routing_statistics.ipynb": ROUTING,
@@ -245,6 +302,7 @@ NOTEBOOKS = {
     "04_expert_ablation.ipynb": ABLATION,
     "05_real_21b_gpu.ipynb": REAL_21B,
     "06_expert_analyses.ipynb": EXPERTS,
+    "07_from_transformerlens.ipynb": FROM_TL,
 }
 
 

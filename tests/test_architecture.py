@@ -23,6 +23,7 @@ RANK = {
     "routing": 4,
     "patching": 5,
     "ablation": 5,
+    "lens": 5,
     "experts": 6,
     "toy": 7,
     "report": 8,

@@ -195,3 +195,20 @@ def test_ablation_explorer_callbacks(model, tok, texts):
     c.experts.value = tuple(range(model.config.moe_num_experts))  # too many to reroute around
     c.run.click()
     assert "error" in c.effect.value
+
+
+# --------------------------------------------------------------------------------------- attention
+def test_attention_explorer_callbacks(model, tok):
+    w = W.attention_explorer(model, tok, text=TEXT)
+    c = w.controls
+    n = len(tok.encode(TEXT))
+    assert c.position.max == c.position.value == n - 1
+    assert c.layer.max == model.config.num_hidden_layers - 1 and c.head.max == model.config.num_attention_heads - 1
+    before_tokens, before_image = c.tokens.value, c.image.value
+    assert "Mirren" in before_tokens and before_image[:4] == b"\x89PNG"
+    c.head.value = 1
+    assert c.image.value != before_image
+    c.position.value = 0  # the first query attends only to itself
+    assert 'title="pos 0: 1.000"' in c.tokens.value
+    c.text.value = "The capital of Pellune"
+    assert "Pellune" in c.tokens.value and c.position.max == len(tok.encode("The capital of Pellune")) - 1

@@ -71,11 +71,14 @@ def plot_dla(df: pd.DataFrame, top: int = 15, batch: int = 0) -> Figure:
     """Direct logit attribution from ``direct_logit_attribution``, for one batch row.
 
     Left: per-layer sums split into attention, dense MLP, shared and routed experts (embedding and
-    bias at layer "-"). Right: the ``top`` components with the largest absolute contribution.
+    bias at layer "-"). Right: the ``top`` components with the largest absolute contribution (the
+    heads instead of whole attention layers when the frame has ``head`` rows).
     """
-    sub = df[df["batch"] == batch]
-    if sub.empty:
+    rows = df[df["batch"] == batch]
+    if rows.empty:
         raise ValueError(f"batch row {batch} not in the frame")
+    has_heads = bool((rows["component"] == "head").any())
+    sub = rows[rows["component"] != "head"]  # the partition of the residual: head rows refine attn rows
     fig, (left, right) = new_figure(1, 2, figsize=(12.0, 4.5))
     kind = sub["component"].replace({"mlp": "dense mlp", "expert": "routed experts"})
     layer = sub["layer"].astype("string").fillna("-")
@@ -98,7 +101,8 @@ def plot_dla(df: pd.DataFrame, top: int = 15, batch: int = 0) -> Figure:
     left.legend(fontsize=8)
     total = sub["contribution"].sum()
     left.set_title(f"per layer (sum = {total:.3f})")
-    best = sub.reindex(sub["contribution"].abs().sort_values(ascending=False).index).iloc[:top]
+    finest = rows[rows["component"] != "attn"] if has_heads else sub
+    best = finest.reindex(finest["contribution"].abs().sort_values(ascending=False).index).iloc[:top]
     y = np.arange(len(best))[::-1]
     colours = np.where(best["contribution"] >= 0, POSITIVE, NEGATIVE)
     right.barh(y, best["contribution"], color=colours)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from ernie_lab.distributed.group import mesh, mesh_device
 from ernie_lab.io import weights
+from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.model.ernie import ErnieMoE
 
 
@@ -32,9 +34,12 @@ def load_model(
         hook functions must be deterministic (give the same result on every process).
         ``model.tp_mesh`` is the device mesh (None without a plan). The split model is for forward
         passes: its parameters are frozen, and gradients through it (attribution patching) raise.
+
+    ``model.tokenizer`` is ``el.load_tokenizer(src)``, loaded on first use (a folder without
+    tokenizer files raises then, not here).
     """
     if tp_plan is None:
-        return weights.load_model(src, dtype, device, **kwargs)
+        return _with_tokenizer(weights.load_model(src, dtype, device, **kwargs), src)
     if not (tp_plan == "auto" or isinstance(tp_plan, dict)):
         raise ValueError(f"tp_plan must be None, 'auto' or a dict {{module path: ParallelStyle}}, got {tp_plan!r}")
     if device is None and str(kwargs.get("device_map")) == "auto":
@@ -56,4 +61,10 @@ def load_model(
 
     model = weights.load_model(src, dtype, device or mesh_device(device_mesh), shard=shard, **kwargs)
     model.tp_mesh = device_mesh
-    return model.requires_grad_(False)  # forward only: see styles.NO_GRAD
+    return _with_tokenizer(model.requires_grad_(False), src)  # forward only: see styles.NO_GRAD
+
+
+def _with_tokenizer(model: ErnieMoE, src: str | Path) -> ErnieMoE:
+    """``model.tokenizer`` loads ``src``'s tokenizer on first use (``to_tokens``, ``to_str_tokens``...)."""
+    model.set_tokenizer_source(functools.partial(load_tokenizer, src))
+    return model

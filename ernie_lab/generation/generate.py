@@ -134,7 +134,7 @@ def generate(
     out = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
     if not saves:
         return out
-    return out, ActivationCache({name: _concat_steps(name, parts) for name, parts in store.items()})
+    return out, ActivationCache({name: _concat_steps(name, parts) for name, parts in store.items()}, model)
 
 
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[torch.Tensor]:

@@ -24,6 +24,7 @@ from ernie_lab.model.kv_cache import KVCache, LayerKV
 from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_tables
 from ernie_lab.model.moe import MoE
 from ernie_lab.model.offload import offload_stats
+from ernie_lab.model.shortcuts import ShortcutsMixin
 from ernie_lab.model.weight_views import forget
 
 
@@ -73,8 +74,11 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class ErnieMoE(HookRegistry, nn.Module):
-    """ERNIE 4.5 MoE causal language model. ``model(input_ids)`` -> logits ``[batch pos vocab]``."""
+class ErnieMoE(ShortcutsMixin, HookRegistry, nn.Module):
+    """ERNIE 4.5 MoE causal language model. ``model(input_ids)`` -> logits ``[batch pos vocab]``.
+
+    TransformerLens' conveniences (``to_tokens``, ``to_str_tokens``, ``W_U``...): :mod:`ernie_lab.model.shortcuts`.
+    """
 
     def __init__(self, config: ErnieConfig, *, init: bool = True):
         super().__init__()
@@ -154,6 +158,7 @@ class ErnieMoE(HookRegistry, nn.Module):
         same logits as the unpadded sequence. With ``cache`` the tokens continue the cached prefix.
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, cache)
+        self.warn_if_padded(input_ids, attention_mask)
         return self.forward_unchecked(input_ids, attention_mask, cache)
 
     def forward_unchecked(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:

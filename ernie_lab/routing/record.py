@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 
@@ -102,6 +103,35 @@ class Routing:
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not recorded; recorded MoE layers: {self.layers}")
         return self.layers.index(layer)
+
+    def to_frame(self, tokenizer=None) -> pd.DataFrame:
+        """One row per token x MoE layer x top-k slot, in reading order then layer then slot.
+
+        Columns: seq (sequence in the dataset), pos (position among its real tokens), token_id,
+        token (readable text via ``tokenizer.convert_ids_to_tokens`` when a tokenizer is given, e.g.
+        ``model.tokenizer``; else None), group (when recorded), layer, slot (0 = highest weight),
+        expert, weight (mixing weight) and prob (the router's unbiased probability of that expert).
+        """
+        n_layer, n, k = self.idx.shape
+        order = (n, n_layer, k)  # token-major: reading order, then layer, then slot
+
+        def per_token(values) -> np.ndarray:
+            return np.repeat(np.asarray(values), n_layer * k)
+
+        frame = {
+            "seq": per_token(self.seq.numpy()),
+            "pos": per_token(self.pos.numpy()),
+            "token_id": per_token(self.token_ids.numpy()),
+            "token": per_token(tokenizer.convert_ids_to_tokens(self.token_ids) if tokenizer else [None] * n),
+        }
+        if self.groups is not None:
+            frame["group"] = per_token(self.groups)
+        frame["layer"] = np.broadcast_to(np.asarray(self.layers)[None, :, None], order).reshape(-1)
+        frame["slot"] = np.broadcast_to(np.arange(k)[None, None, :], order).reshape(-1)
+        frame["expert"] = self.idx.permute(1, 0, 2).reshape(-1).numpy()
+        frame["weight"] = self.weights.permute(1, 0, 2).reshape(-1).float().numpy()
+        frame["prob"] = self.probs.gather(-1, self.idx).permute(1, 0, 2).reshape(-1).numpy()
+        return pd.DataFrame(frame)
 
     def __repr__(self) -> str:
         return (

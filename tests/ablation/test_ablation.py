@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -227,3 +228,39 @@ def test_plots_return_figures(model, sequences):
         A.plot_dla(dla, top=5),
     ]
     assert all(isinstance(f, Figure) for f in figures)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_dla_head_rows_sum_to_the_attention_row(sequences, use_bias):
+    model = tiny_model(use_bias=use_bias, tie_word_embeddings=not use_bias)
+    if use_bias:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.self_attn.o_proj.bias.normal_(0.0, 1.0)
+    ids, mask = padded(sequences)
+    df = A.direct_logit_attribution(model, ids, answer=[3, 4, 5, 6], distractor=7, attention_mask=mask, heads=True)
+    cfg = model.config
+    heads = df[df["component"] == "head"]
+    assert len(heads) == len(sequences) * cfg.num_hidden_layers * cfg.num_attention_heads
+    assert sorted(set(heads["head"])) == list(range(cfg.num_attention_heads))
+    by_layer = heads.groupby(["batch", "layer"])["contribution"].sum()
+    attn = df[df["component"] == "attn"].set_index(["batch", "layer"])["contribution"]
+    if not use_bias:
+        np.testing.assert_allclose(by_layer.sort_index().to_numpy(), attn.sort_index().to_numpy(), atol=1e-5, rtol=0)
+    else:  # the o_proj bias is in the attn row but in no head: g * bias / rms · (W_U[a] - W_U[b])
+        last = f"blocks.{cfg.num_hidden_layers - 1}.hook_resid_post"
+        _, cache = model.run_with_cache(ids, names_filter=last, attention_mask=mask)
+        resid = cache[last][:, -1].double()
+        rms = (resid.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).sqrt()
+        w_u = model.lm_head.weight.detach().double()
+        direction = model.model.norm.weight.detach().double() * (w_u[[3, 4, 5, 6]] - w_u[7]) / rms
+        for L, block in enumerate(model.blocks):
+            bias_part = direction @ block.self_attn.o_proj.bias.detach().double()
+            gap = attn.xs(L, level="layer").sort_index() - by_layer.xs(L, level="layer").sort_index()
+            np.testing.assert_allclose(gap.to_numpy(), bias_part.numpy(), atol=1e-5, rtol=0)
+    # the other rows still partition the logit difference
+    logits = model(ids, attention_mask=mask)[:, -1]
+    diff = (logits[:, [3, 4, 5, 6]].diagonal() - logits[:, 7]).double()
+    sums = torch.tensor(df[df["component"] != "head"].groupby("batch")["contribution"].sum().to_numpy())
+    torch.testing.assert_close(sums, diff, atol=1e-4, rtol=0)
+    assert isinstance(A.plot_dla(df, top=6), Figure)
