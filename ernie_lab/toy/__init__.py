@@ -1,4 +1,5 @@
-"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer.
+"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer; and the
+dissociation table that shows its specialised experts are causal (``dissociation``).
 
 Corpus and prompt sets are re-exported here; the tokenizer trainer lives in
 ``ernie_lab.toy.tokenizer_train`` (``build_toy_tokenizer``, ``train_tokenizer``, ``save_tokenizer``).
@@ -13,6 +14,7 @@ from ernie_lab.toy.corpus import (
     is_heldout_text,
     training_corpus,
 )
+from ernie_lab.toy.dissociation import dissociation
 from ernie_lab.toy.prompts import (
     PATCHING_TASKS,
     TASKS,
@@ -31,6 +33,7 @@ __all__ = [
     "TASKS",
     "WORLD",
     "corpus_stats",
+    "dissociation",
     "format_chat",
     "generate_documents",
     "heldout_domains",
