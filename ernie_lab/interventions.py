@@ -32,6 +32,7 @@ from ernie_lab.model.checks import (
     ArgumentRangeError,
     ArgumentTypeError,
     as_ints,
+    as_number,
     expert_ids,
     expert_map,
     moe_layer,
@@ -49,6 +50,11 @@ _HEAD_FIRST = ("hook_attn_scores", "hook_pattern")
 def _axes(name: str) -> tuple[int, int]:
     """(pos axis, index axis) of a hook point: ``index`` picks a head / topk slot / last-axis unit."""
     return (2, 1) if name.rsplit(".", 1)[-1] in _HEAD_FIRST else (1, 2)
+
+
+def _positions(positions) -> list[int] | None:
+    """Positions checked at the call (integers; a float or bool is never rounded)."""
+    return None if positions is None else as_ints(positions, "positions", scalar=True)
 
 
 def _as_index(values, name: str) -> torch.Tensor:
@@ -102,6 +108,7 @@ def mean_ablate(model, name: NameSpec, mean: torch.Tensor, positions=None) -> Ho
     carries a pos axis must broadcast to that call's shape, else a HookError names the point.
     """
     _check_model(model, "mean_ablate(model, name, mean, positions=None)")
+    positions = _positions(positions)
     model.resolve_names(name)  # an unknown name fails here, with close matches
     mean = torch.as_tensor(mean)
 
@@ -130,6 +137,8 @@ def add_steering_vector(model, name: NameSpec, vector: torch.Tensor, scale: floa
     it (module docstring). A vector whose length differs from the activation's last axis is a HookError.
     """
     _check_model(model, "add_steering_vector(model, name, vector, scale=1.0, positions=None)")
+    positions = _positions(positions)
+    scale = as_number(scale, "scale")
     model.resolve_names(name)
     vector = torch.as_tensor(vector)
     if vector.ndim != 1:
@@ -160,6 +169,8 @@ def patch_from_cache(model, cache: ActivationCache, names, positions=None, index
     (decode steps) are left unchanged and generation continues unpatched after the prefill.
     """
     _check_model(model, "patch_from_cache(model, cache, names, positions=None, index=None)")
+    positions = _positions(positions)
+    index = None if index is None else as_ints(index, "index", scalar=True)
     specs = [names] if isinstance(names, str) else list(names)
     chosen: list[str] = []
     for spec in specs:
@@ -192,7 +203,7 @@ def patch_from_cache(model, cache: ActivationCache, names, positions=None, index
 def _check_experts(model, layer: int, experts: Iterable[int]) -> list[int]:
     _check_model(model, "expert interventions take (model, ...)")
     layer = moe_layer(model.config, layer)
-    return expert_ids(model.config, experts, f"experts of layer {layer}")
+    return expert_ids(model.config, experts, layer)
 
 
 def _moe_name(layer: int, point: str) -> str:
@@ -316,7 +327,7 @@ def _pairs(model, experts, name: str = "experts") -> list[tuple[int, int]]:
         if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ArgumentTypeError(f"{name} must hold (layer, expert) pairs, got {pair!r}")
         layer = moe_layer(model.config, pair[0], f"{name}: layer")
-        out.append((layer, expert_ids(model.config, pair[1], f"{name}: expert of layer {layer}")[0]))
+        out.append((layer, expert_ids(model.config, [pair[1]], layer, name)[0]))
     return out
 
 

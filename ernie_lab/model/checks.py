@@ -58,7 +58,7 @@ def as_int(value: Any, name: str, low: int | None = None, high: int | None = Non
         raise ArgumentTypeError(f"{name} must be {_span(low, high)}, got {value!r} ({type(value).__name__})")
     out = int(value)
     if (low is not None and out < low) or (high is not None and out >= high):
-        raise ArgumentRangeError(f"{name} must be {_span(low, high)}, got {out}")
+        raise ArgumentRangeError(f"{name} must be {_span(low, high)}, got {out} (out of range)")
     return out
 
 
@@ -134,7 +134,8 @@ def moe_layer(config, layer: Any, name: str = "layer") -> int:
     """A MoE layer index of ``config`` (dense layers have no router)."""
     out = as_int(layer, name, 0, config.num_hidden_layers)
     if out not in config.moe_layers:
-        raise ArgumentRangeError(f"{name}={out} is not a MoE layer; MoE layers are {list(config.moe_layers)}")
+        where = "" if name == "layer" else f"{name}: "
+        raise ArgumentRangeError(f"{where}layer {out} is not a MoE layer; MoE layers are {list(config.moe_layers)}")
     return out
 
 
@@ -146,9 +147,17 @@ def moe_layers(config, layers: Any, name: str = "layers") -> list[int]:
     return out
 
 
-def expert_ids(config, experts: Any, name: str = "experts", scalar: bool = True) -> list[int]:
-    """Sorted distinct routed-expert ids in ``[0, moe_num_experts)``."""
-    return sorted(set(as_ints(experts, name, 0, config.moe_num_experts, scalar=scalar)))
+def expert_ids(config, experts: Any, layer: int | None = None, name: str = "experts", scalar: bool = True) -> list[int]:
+    """Sorted distinct routed-expert ids in ``[0, moe_num_experts)`` (of ``layer``, for the message)."""
+    where = name if layer is None else f"{name} of layer {layer}"
+    ids = as_ints(experts, f"{where} (expert ids)", scalar=scalar)
+    n = config.moe_num_experts
+    bad = sorted({e for e in ids if not 0 <= e < n})
+    if bad:
+        raise ArgumentRangeError(
+            f"{name} {bad}{'' if layer is None else f' of layer {layer}'} are out of range [0, {n})"
+        )
+    return sorted(set(ids))
 
 
 def expert_map(config, experts: Any, name: str = "experts") -> dict[int, list[int]]:
@@ -159,7 +168,7 @@ def expert_map(config, experts: Any, name: str = "experts") -> dict[int, list[in
     out: dict[int, list[int]] = {}
     for layer, ids in experts.items():
         L = moe_layer(config, layer, f"{name}: layer")
-        out[L] = sorted(set(out.get(L, [])) | set(expert_ids(config, ids, f"{name}[{L}]")))
+        out[L] = sorted(set(out.get(L, [])) | set(expert_ids(config, ids, L, name)))
     return out
 
 
@@ -200,7 +209,7 @@ def check_frame_finite(df, columns: list[str], call: str, opt_out: str = "check_
     """Raise :class:`NonFiniteError` when a numeric ``columns`` entry of frame ``df`` is NaN or inf,
     naming the first such row's layer and expert when the frame has them."""
     for column in columns:
-        values = torch.as_tensor(df[column].to_numpy(dtype="float64"))
+        values = torch.as_tensor(df[column].to_numpy(dtype="float64", copy=True))
         bad = ~torch.isfinite(values)
         if bool(bad.any()):
             row = df.iloc[int(torch.nonzero(bad)[0, 0])]
