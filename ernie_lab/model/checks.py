@@ -212,6 +212,6 @@ def check_frame_finite(df, columns: list[str], call: str, opt_out: str = "check_
         values = torch.as_tensor(df[column].to_numpy(dtype="float64", copy=True))
         bad = ~torch.isfinite(values)
         if bool(bad.any()):
-            row = df.iloc[int(torch.nonzero(bad)[0, 0])]
-            at = ", ".join(f"{k} {row[k]}" for k in ("layer", "expert") if k in df.columns)
+            first = int(torch.nonzero(bad)[0, 0])
+            at = ", ".join(f"{k} {df[k].iloc[first]}" for k in ("layer", "expert") if k in df.columns)
             raise nonfinite_error(f"{call}: column {column!r}" + (f" ({at})" if at else ""), int(bad.sum()), opt_out)
