@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
+from ernie_lab.io.chat_template import check_messages, encode_chat, prepare_messages, render_chat
 from ernie_lab.io.encoding import BatchEncoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
@@ -275,6 +275,7 @@ class ErnieTokenizer:
         if not isinstance(template, str):
             raise TypeError(f"chat_template must be a jinja template string, got {type(template).__name__}")
         variables = {**self.special_tokens, **template_kwargs}
+        messages = prepare_messages(template, messages, variables)
         if tokenize and not special_tokens_in_content:
             return encode_chat(self.tokenizer, template, messages, add_generation_prompt, variables)
         text = render_chat(template, messages, add_generation_prompt, variables)
