@@ -44,6 +44,7 @@ from ernie_lab.model.offload import check_offload, offload_experts
 from ernie_lab.model.placement import Placement, make_placement
 from ernie_lab.model.quant import (
     quantization_of,
+    quantization_skip,
     quantize_modules,
     quantized_target,
     resolve_quantization,
@@ -151,7 +152,7 @@ def load_model(
     dtype = parse_dtype(dtype) if dtype is not None else compute_dtype or _checkpoint_dtype(config, files)
     shards = shard(model) if shard is not None else {}
     with torch.device("meta"):
-        swapped = quantize_modules(model, fmt, dtype) if fmt else {}
+        swapped = quantize_modules(model, fmt, dtype, quantization_skip(quantization_config)) if fmt else {}
     placement = make_placement(model, dtype, device)
     if offload is not None:  # experts are read into host memory; offload_experts adds the device slots
         placement = _experts_on_host(placement)
