@@ -41,7 +41,9 @@ import yaml
 
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
+from ernie_lab.model.checks import is_int
 from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
+from ernie_lab.report.options import SpecError, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +70,6 @@ DATASET_KEYS = {
 # without a quick block, --quick keeps this many rows of each dataset
 QUICK_LIMIT = 8
 REQUIRED = object()
-
-
-class SpecError(ValueError):
-    """A report spec that cannot be run; the message names the offending key or value."""
 
 
 @dataclass(frozen=True)
@@ -355,7 +353,7 @@ def _datasets(datasets: Any, cap: bool) -> dict:
         if "prompt_set" in ds:
             _check_prompt_set(ds["prompt_set"], where)
         for key in ("per_group", "limit"):
-            if ds.get(key) is not None and (not isinstance(ds[key], int) or ds[key] < 1):
+            if ds.get(key) is not None and (not is_int(ds[key]) or ds[key] < 1):
                 raise SpecError(f"{where}.{key}: must be a positive integer, got {ds[key]!r}")
         ds = dict(ds)
         if cap:
@@ -397,6 +395,7 @@ def _analyses(analyses: Any, datasets: dict, trust_recipes: bool) -> dict:
             raise SpecError(
                 f"{where}.dataset: no dataset {resolved['dataset']!r}; defined: {', '.join(datasets) or 'none'}"
             )
+        check_options(where, kind, resolved)
         if "recipe" in resolved:
             _check_recipe(resolved["recipe"], where, trust_recipes)
         out[str(sid)] = resolved
