@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES, SRC_HELP, add_threads_option, apply_threads
+from ernie_lab.commands import DTYPE_CHOICES, SRC_HELP, add_threads_option, apply_threads, check_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.io.tokenizer import load_tokenizer
     from ernie_lab.io.weights import load_model
 
+    check_args(args, at_least={"threads": 1}, requires={"system": "chat"})
     sampling = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
     try:  # before loading the model
         check_sampling(**{name: getattr(args, name) for name in sampling})

@@ -42,6 +42,10 @@ BPE_MODEL = 2
 SPACE = "▁"  # U+2581, SentencePiece's escaped space
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file."""
+
+
 # bump when the conversion changes, so cached conversions are rebuilt
 CONVERTER_VERSION = 1
 
@@ -64,7 +68,12 @@ def read_model_proto(model_file: Path):
             f"sentencepiece and protobuf packages: {INSTALL_HINT}"
         ) from err
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(model_file).read_bytes())
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not a ModelProto
+        raise TokenizerError(f"{model_file} is not a SentencePiece model ({type(err).__name__}: {err})") from err
+    if not proto.pieces:  # protobuf parses many byte strings as an empty message
+        raise TokenizerError(f"{model_file} is not a SentencePiece model (it holds no pieces)")
     return proto
 
 

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from ernie_lab.io.chat_template import check_messages, encode_chat, prepare_messages, render_chat
 from ernie_lab.io.encoding import BatchEncoding
 from ernie_lab.io.sources import resolve_source
-from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
+from ernie_lab.io.spm_convert import SPACE, TokenizerError, converted_tokenizer_json
 from ernie_lab.model.checks import ArgumentTypeError, as_ints, check_text
 
 # The ERNIE 4.5 chat format (as the hub chat_template renders it), written as a jinja template that renders the
@@ -98,10 +98,6 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
         chat_template=_chat_template(directory, config),
         extra_eos_ids=eos,
     )
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file."""
 
 
 class ErnieTokenizer:

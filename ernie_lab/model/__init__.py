@@ -6,7 +6,7 @@ from ernie_lab.model.checks import ArgumentError, ArgumentRangeError, ArgumentTy
 from ernie_lab.model.config import PRESETS, ConfigError, ErnieConfig
 from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.model.hook_points import ActivationCache, HookError, HookPoint
-from ernie_lab.model.kv_cache import KVCache
+from ernie_lab.model.kv_cache import CacheError, KVCache
 from ernie_lab.model.params import count_params
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ActivationCache",
     "HookError",
     "HookPoint",
+    "CacheError",
     "KVCache",
     "count_params",
 ]

@@ -415,5 +415,5 @@ def _check_recipe(name: Any, where: str, trust: bool) -> None:
         logger.warning("%s.recipe: running Python code from %s (trusted recipe file)", where, name)
     try:
         load_recipe(name)
-    except (FileNotFoundError, AttributeError) as err:
+    except (FileNotFoundError, AttributeError, ValueError) as err:
         raise SpecError(f"{where}.recipe: {err}") from err
