@@ -29,7 +29,8 @@ def _flag(dest: str) -> str:
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:
-    return getattr(args, dest, None) not in (None, False)
+    value = getattr(args, dest, None)
+    return value is not None and value is not False  # 0 is given (``0 in (None, False)`` is True)
 
 
 def check_args(
