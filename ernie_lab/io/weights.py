@@ -110,7 +110,8 @@ def load_model(
         are quantized tensor by tensor while reading, so memory peaks near the quantized size;
         router and correction bias stay fp32, norms, embedding and LM head in ``dtype``. See
         :mod:`ernie_lab.model.quant`. ``quantization_config``: the same from a transformers
-        ``BitsAndBytesConfig`` (its ``bnb_4bit_compute_dtype`` is the default ``dtype``).
+        ``BitsAndBytesConfig`` (its ``bnb_4bit_compute_dtype`` is the default ``dtype``; modules its
+        ``llm_int8_skip_modules`` match stay in full precision; fields it cannot honour raise).
     offload: ``"experts"`` keeps the routed experts in host memory and computes through
         ``expert_slots`` device slots per layer (LRU); results equal the resident model's, and
         ``model.offload_stats()`` counts hits, misses and bytes copied (:mod:`ernie_lab.model.offload`).

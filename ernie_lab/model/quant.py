@@ -114,8 +114,10 @@ def resolve_quantization(quantization=None, quantization_config=None) -> tuple[s
     """``(format or None, compute dtype or None)`` from ``quantization`` (``"nf4"``, ``"fp4"``,
     ``"int8"``) or a transformers ``BitsAndBytesConfig`` (read by attribute, so transformers is
     never imported here): ``load_in_4bit`` -> its ``bnb_4bit_quant_type``, ``load_in_8bit`` ->
-    int8, ``bnb_4bit_compute_dtype`` -> the model dtype unless ``dtype=`` says otherwise. Checks that
-    bitsandbytes is importable, so a missing extra fails before any loading."""
+    int8, ``bnb_4bit_compute_dtype`` -> the model dtype unless ``dtype=`` says otherwise
+    (``llm_int8_skip_modules``: :func:`quantization_skip`; any other field set to something this
+    loader does not do is a ValueError naming it). Checks that bitsandbytes is importable, so a
+    missing extra fails before any loading."""
     if quantization is not None and quantization_config is not None:
         raise ValueError("pass quantization= or quantization_config=, not both")
     dtype = None
