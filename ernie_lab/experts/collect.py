@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
 from ernie_lab.model.checks import nonfinite_error
 
 _KEYS = ("count", "gate", "norm", "gate_norm", "easy")
@@ -68,6 +68,7 @@ def expert_sums(
     layers = list(model.config.moe_layers)
     if not layers:
         raise ValueError("the model has no MoE layer")
+    check_batch_size(batch_size)
     sequences = as_sequences(data, tokenizer)
     n_expert = model.config.moe_num_experts
     # accumulated on the model's device (no host sync per hook): [layer key expert], keys as _KEYS

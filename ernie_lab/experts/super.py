@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ernie_lab.experts.collect import ExpertSums, expert_sums
 from ernie_lab.interventions import zero_ablate_experts
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
 from ernie_lab.model.checks import ArgumentTypeError, as_number, expert_map
 from ernie_lab.model.checks import check_finite as _check_finite
 
@@ -97,6 +97,7 @@ def sink_test(
     ``experts``: ``{layer: [expert, ...]}`` or a ``super_experts`` frame (its ``is_super`` rows).
     Columns: layer, max_norm_base, max_norm_ablated, first_attn_base, first_attn_ablated.
     """
+    check_batch_size(batch_size)
     chosen = _as_expert_map(model, experts)
     ablate = zero_ablate_experts(model, chosen)  # validates layers and expert ids
     sequences = as_sequences(data, tokenizer)

@@ -19,7 +19,7 @@ from einops import einsum
 from tqdm.auto import tqdm
 
 from ernie_lab.ablation import token_nll
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
 from ernie_lab.model.checks import as_int, as_ints, moe_layers
 
 
@@ -68,6 +68,7 @@ def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
 
 
 def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    check_batch_size(batch_size)
     """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``."""
     total, count = np.zeros(len(hook_sets)), 0
     batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
@@ -91,6 +92,7 @@ def truncation_lens(
     """
     cfg = model.config
     layers, k = list(cfg.moe_layers), cfg.moe_k
+    check_batch_size(batch_size)
     sequences = as_sequences(data, tokenizer)
     cos_sum = torch.zeros(len(layers), k, dtype=torch.float64)
     n_real, state = 0, {}

@@ -143,3 +143,29 @@ def test_generation_and_tokenizer_ids(model):
     with pytest.raises(ArgumentRangeError, match="out of range"):
         tok.decode([tok.vocab_size])
     assert tok.decode(np.array([5, 6])) == tok.decode([5, 6])
+
+
+def test_patching_grids_and_batch_sizes(model):
+    clean, corrupt = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 9, 7, 8]])
+    setup = el.patching.PatchingSetup(model, clean, corrupt, el.patching.logit_diff(answer=3, distractor=4))
+    for call in (
+        lambda: setup.heads(layers=[0.0]),
+        lambda: setup.heads(heads=[1.5]),
+        lambda: setup.residual(positions=[True]),
+        lambda: setup.experts(experts=["1"]),
+    ):
+        with pytest.raises(ArgumentTypeError):
+            call()
+    with pytest.raises(ArgumentRangeError):
+        setup.heads(heads=[model.config.num_attention_heads])
+    data = [torch.tensor([5, 6, 7])]
+    for call in (
+        lambda: el.experts.saliency(model, data, batch_size=0, progress=False),
+        lambda: el.experts.super_experts(model, data, batch_size=-1, progress=False),
+        lambda: el.experts.truncation_lens(model, data, batch_size=0, progress=False),
+        lambda: el.routing.collect_routing(model, data, batch_size=0, progress=False),
+    ):
+        with pytest.raises(ArgumentRangeError, match="batch_size"):
+            call()
+    with pytest.raises(ArgumentTypeError, match="batch_size"):
+        el.experts.saliency(model, data, batch_size=2.0, progress=False)
