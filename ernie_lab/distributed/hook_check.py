@@ -44,11 +44,15 @@ def check_plan(model: nn.Module, plan: dict, style_type: type) -> None:
 
 
 def _checksum(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().flatten().double()
-    finite = torch.isfinite(flat)
-    weight = (torch.arange(flat.numel(), device=flat.device) % 1021 + 1).double()
-    values = torch.where(finite, flat, 0.0)
-    return torch.stack([values.sum(), (values * weight).sum(), (~finite * weight).sum()])
+    """Three float64 numbers on ``x``'s device: the sum of its finite values, their sum weighted by row
+    (rows = all axes but the last), and the row-weighted count of non-finite values. One copy of ``x``
+    in its own dtype; the sums accumulate in float64."""
+    rows = x.detach().reshape(-1, x.shape[-1]) if x.ndim else x.detach().reshape(1, 1)
+    finite = torch.isfinite(rows)
+    row_sums = torch.where(finite, rows, 0).sum(-1, dtype=torch.float64)
+    weight = torch.arange(rows.shape[0], device=rows.device, dtype=torch.float64) % 1021 + 1
+    bad = (~finite).sum(-1, dtype=torch.float64)
+    return torch.stack([row_sums.sum(), (row_sums * weight).sum(), (bad * weight).sum()])
 
 
 def install_hook_check(model: nn.Module, group, enabled: bool = True) -> None:
