@@ -121,6 +121,40 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def _list_of(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, kind) for v in value)
+
+
+DATASET_RULES: dict[str, Callable[[Any], str | None]] = {
+    "prompt_set": lambda v: None if isinstance(v, str) and v else "a prompt set name",
+    "texts": lambda v: None if isinstance(v, list) and v and all(isinstance(t, str) for t in v) else "a list of texts",
+    "pairs": lambda v: (
+        None if isinstance(v, list) and v and all(isinstance(p, dict) for p in v) else "a list of mappings"
+    ),
+    "groups": lambda v: None if isinstance(v, list) and all(_label(g) is None for g in v) else "a list of group labels",
+    "text_field": lambda v: None if isinstance(v, str) and v else "a field name",
+    "group_field": lambda v: None if v is None or isinstance(v, str) and v else "a field name or null",
+    "filter": lambda v: None if v is None or isinstance(v, dict) else "a mapping {field: value or [values]}",
+    "per_group": _int(1, none=True),
+    "limit": _int(1, none=True),
+    "shuffle": lambda v: None if isinstance(v, bool) else "true or false",
+}
+
+
+def check_dataset(where: str, ds: dict) -> None:
+    """Raise SpecError for the first dataset option of the wrong type or range."""
+    for key, value in ds.items():
+        problem = DATASET_RULES[key](value) if key in DATASET_RULES else None
+        if problem:
+            raise SpecError(f"{where}.{key}: must be {problem}, got {value!r}")
+    if (
+        isinstance(ds.get("groups"), list)
+        and isinstance(ds.get("texts"), list)
+        and len(ds["groups"]) != len(ds["texts"])
+    ):
+        raise SpecError(f"{where}.groups: {len(ds['groups'])} labels for {len(ds['texts'])} texts")
+
+
 def check_options(where: str, kind: str, options: dict) -> None:
     """Raise ``SpecError`` (``"{where}.{key}: must be ..."``) for the first option of the wrong type
     or range; ``expert_transitions`` needs two or more layers."""

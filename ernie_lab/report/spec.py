@@ -41,9 +41,8 @@ import yaml
 
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
-from ernie_lab.model.checks import is_int
 from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
-from ernie_lab.report.options import SpecError, check_options
+from ernie_lab.report.options import SpecError, check_dataset, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -350,11 +349,9 @@ def _datasets(datasets: Any, cap: bool) -> dict:
         sources = [k for k in ("prompt_set", "texts", "pairs") if ds.get(k) is not None]
         if len(sources) != 1:
             raise SpecError(f"{where}: give exactly one of prompt_set, texts, pairs (got {sources or 'none'})")
+        check_dataset(where, ds)
         if "prompt_set" in ds:
             _check_prompt_set(ds["prompt_set"], where)
-        for key in ("per_group", "limit"):
-            if ds.get(key) is not None and (not is_int(ds[key]) or ds[key] < 1):
-                raise SpecError(f"{where}.{key}: must be a positive integer, got {ds[key]!r}")
         ds = dict(ds)
         if cap:
             ds["limit"] = min(ds.get("limit") or QUICK_LIMIT, QUICK_LIMIT)

@@ -95,3 +95,35 @@ def test_model_ranges_fail_before_the_weights_load(tmp_path, monkeypatch, option
     with pytest.raises(SpecError, match=match):
         runner.run_report(spec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+DATASET_BAD = {
+    "prompt_set": (3, "no_such_set"),
+    "texts": ("one text", []),
+    "pairs": ("clean/corrupt", [1]),
+    "groups": ("a", [["a"], ["b"]]),
+    "text_field": (3, ""),
+    "group_field": (["g"], ""),
+    "filter": ("domain=code", None),
+    "per_group": ("2", 0),
+    "limit": (1.5, -1),
+    "shuffle": ("yes", None),
+}
+
+
+def test_every_dataset_option_refuses_a_wrong_type_and_an_out_of_range_value():
+    from ernie_lab.report.spec import DATASET_KEYS
+
+    assert set(DATASET_BAD) == DATASET_KEYS
+    for key, cases in DATASET_BAD.items():
+        for bad in cases:
+            if bad is None:
+                continue
+            ds = {key: bad} if key in ("prompt_set", "pairs") else {"texts": ["a b", "c d"], key: bad}
+            spec = {"datasets": {"d": ds}, "analyses": {"balance": {"dataset": "d"}}}
+            with pytest.raises(SpecError, match=rf"datasets\.d\.{key}"):
+                resolve_spec(spec)
+    with pytest.raises(SpecError, match=r"datasets\.d\.groups: 1 labels for 2 texts"):
+        resolve_spec(
+            {"datasets": {"d": {"texts": ["a", "b"], "groups": ["x"]}}, "analyses": {"balance": {"dataset": "d"}}}
+        )
