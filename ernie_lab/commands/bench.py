@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+from pathlib import Path
 
 import torch
 
 from ernie_lab.commands import DTYPE_CHOICES, check_args, machine_load
+from ernie_lab.model.placement import check_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -74,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
         check_size(ErnieConfig.preset("tiny" if args.quick else args.config), args.tp)
     try:
-        torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
+    check_device(torch.device("cuda") if args.real_shape and device.type == "cpu" else device)
+    if args.csv and not Path(args.csv).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--csv {args.csv}: the folder {Path(args.csv).resolve().parent} does not exist")
     if importlib.util.find_spec("transformers") is None and not (args.quantization or args.offload or args.tp):
         raise ImportError(
             "needs transformers, the reference it is timed against; "

@@ -40,9 +40,21 @@ def no_work(monkeypatch, tmp_path):
         (["generate", "toy", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
         (["generate", "toy", "--prompt", "hi", "--system", "Be brief."], "--system needs --chat"),
         (["report", "--out", "r", "--threads", "0"], "--threads must be >= 1"),
+        (["bench", "--csv", "no/such/folder/out.csv"], "no/such/folder does not exist"),
+        (["selftest", "--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_option_errors_are_one_line_exit_2_before_any_work(capsys, argv, message):
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"ernie-lab {argv[0]}: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "--device", "cuda"], ["bench", "--real-shape"]])
+def test_a_device_this_machine_lacks(capsys, monkeypatch, argv):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "device 'cuda' is not available here" in err and err.count("\n") == 1
