@@ -10,9 +10,12 @@ check. A rule returns None when the value is fine, else what would be valid.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from ernie_lab.io.sources import TOY, toy_dir
 from ernie_lab.model.checks import is_int
+from ernie_lab.model.config import ErnieConfig
 
 # the analyses' own choices (ablation MODES, saliency SALIENCY_COLUMNS, patching RESIDUAL_HOOKS), spelt out
 # so that parsing a spec does not import the analyses and their plotting; tests/report checks they agree
@@ -165,6 +168,14 @@ def check_options(where: str, kind: str, options: dict) -> None:
             problem = None if len(value) >= 2 else "a list of at least 2 MoE layers"
         if problem:
             raise SpecError(f"{where}.{key}: must be {problem}, got {value!r}")
+
+
+def check_local_config(model: str, analyses: dict) -> None:
+    """:func:`check_against_config` at parse time when the model's config is on this machine (``toy``
+    or a checkpoint folder); a hub id is checked by the runner once its config is downloaded."""
+    folder = toy_dir() if model == TOY else Path(model)
+    if (folder / "config.json").is_file():
+        check_against_config(analyses, ErnieConfig.from_hf(folder))
 
 
 def check_against_config(analyses: dict, config) -> None:

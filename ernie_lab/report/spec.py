@@ -42,7 +42,7 @@ import yaml
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
 from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
-from ernie_lab.report.options import SpecError, check_dataset, check_options
+from ernie_lab.report.options import SpecError, check_dataset, check_local_config, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
         ):
             raise SpecError(f"{key}: must be an integer >= {low}, got {value!r}")
     _check_scalars(out)
+    check_local_config(out["model"], out["analyses"])  # a hub model: checked before its weights load
     return out
 
 

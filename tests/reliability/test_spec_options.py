@@ -127,3 +127,11 @@ def test_every_dataset_option_refuses_a_wrong_type_and_an_out_of_range_value():
         resolve_spec(
             {"datasets": {"d": {"texts": ["a", "b"], "groups": ["x"]}}, "analyses": {"balance": {"dataset": "d"}}}
         )
+
+
+def test_a_local_model_is_checked_at_parse():
+    spec = _spec("coactivation", layers=[0, 99])  # model: toy (the default), its config is on disk
+    with pytest.raises(SpecError, match=r"analyses\.sec\.layers: \[0, 99\] are not MoE layers"):
+        resolve_spec(spec)
+    hub = _spec("coactivation", layers=[0, 99]) | {"model": "someone/not-on-this-machine"}
+    assert resolve_spec(hub)["analyses"]["sec"]["layers"] == [0, 99]  # checked once its config is downloaded
