@@ -157,13 +157,18 @@ _HANDLED |= {"bnb_4bit_compute_dtype", "llm_int8_skip_modules"}
 
 
 def _check_config_fields(config) -> None:
-    """Refuse, by name, every set field of a ``BitsAndBytesConfig`` this loader would not honour."""
+    """Refuse, by name, every set field of a ``BitsAndBytesConfig`` this loader would not honour; a
+    field this module does not know passes only at its class default (newer transformers fields)."""
     fields = config.to_dict() if hasattr(config, "to_dict") else getattr(config, "__dict__", {})
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:  # not constructible without arguments: every unknown field must be unset
+        defaults = {}
     for name, value in fields.items():
         if name in _HANDLED:
             continue
-        off, why = _UNSUPPORTED.get(name, (None, "this loader does not know the field"))
-        if str(value).removeprefix("torch.") != str(off):
+        off, why = _UNSUPPORTED.get(name, (defaults.get(name), "this loader does not implement it"))
+        if str(value).removeprefix("torch.") != str(off).removeprefix("torch."):
             raise ValueError(f"BitsAndBytesConfig.{name}={value!r} is not supported: {why} (leave it at {off!r})")
     if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
         raise ValueError("BitsAndBytesConfig: load_in_4bit and load_in_8bit are exclusive")
