@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # "top_p must be ..." -> "--top-p must be ...", the option as typed
         name, rest = str(err).split(" ", 1)
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    ignored = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p", "seed") if getattr(args, n) is not None]
+    if args.temperature == 0 and ignored:
+        raise ValueError(f"{', '.join(ignored)} need --temperature > 0 (greedy decoding, the default, ignores them)")
     apply_threads(args.threads, "generate")
     tokenizer = load_tokenizer(args.src)
     model = load_model(args.src, dtype=args.dtype, device=args.device)

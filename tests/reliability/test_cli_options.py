@@ -39,6 +39,8 @@ def no_work(monkeypatch, tmp_path):
         (["bench", "--quantization", "nf4", "--compile"], "--compile applies to"),
         (["generate", "toy", "--prompt", "hi", "--threads", "0"], "--threads must be >= 1"),
         (["generate", "toy", "--prompt", "hi", "--system", "Be brief."], "--system needs --chat"),
+        (["generate", "toy", "--prompt", "hi", "--top-p", "0.9"], "--top-p need --temperature > 0"),
+        (["generate", "toy", "--prompt", "hi", "--seed", "1", "--top-k", "5"], "--top-k, --seed need --temperature"),
         (["report", "--out", "r", "--threads", "0"], "--threads must be >= 1"),
         (["bench", "--csv", "no/such/folder/out.csv"], "no/such/folder does not exist"),
         (["selftest", "--repeats", "0"], "--repeats must be >= 1"),
