@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -186,12 +187,17 @@ def quantization_skip(quantization_config=None) -> tuple[str, ...]:
 
 
 def matches_module(path: str, pattern: str) -> bool:
-    """Whether module ``path`` matches a skip pattern: a glob (``blocks.*.self_attn``) over the path,
-    or a run of whole path components (``self_attn``, ``mlp.experts``, ``blocks.3`` - not ``blocks.30``);
-    a match also covers every module below it."""
-    if any(c in pattern for c in "*?["):
-        return any(fnmatch.fnmatchcase(".".join(path.split(".")[:i]), pattern) for i in range(1, path.count(".") + 2))
-    return f".{pattern}." in f".{path}."
+    """Whether module ``path`` matches a skip pattern: a run of whole path components (``self_attn``,
+    ``mlp.experts``, ``model.layers.3`` - not ``model.layers.30``), a glob over a path prefix
+    (``model.layers.*.self_attn``), or transformers' rule (a regex from the start up to a module
+    boundary, or a suffix). A match also covers every module below it."""
+    prefixes = [".".join(path.split(".")[:i]) for i in range(1, path.count(".") + 2)]
+    if f".{pattern}." in f".{path}." or any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+        return True
+    try:
+        return bool(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", path)) or path.endswith(pattern)
+    except re.error:
+        return path.endswith(pattern)
 
 
 def quantization_of(model: nn.Module) -> str | None:

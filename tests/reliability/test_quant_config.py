@@ -73,6 +73,12 @@ def test_skip_modules_keep_attention_or_experts_in_full_precision(ckpt, full):
     model = el.load_model(ckpt, dtype="float32", quantization_config=glob)
     assert type(model.blocks[moe].mlp.experts) is Experts and type(model.blocks[0].self_attn.q_proj) is QuantLinear
 
+    regex = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=[r"model\.layers\.[01]\.self_attn"])
+    model = el.load_model(ckpt, dtype="float32", quantization_config=regex)  # transformers' regex form
+    assert [type(b.self_attn.q_proj) is Linear for b in model.blocks] == [
+        L in (0, 1) for L in range(full.config.num_hidden_layers)
+    ]
+
 
 def test_skip_patterns_must_match_a_module(ckpt):
     config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["self_atn"])
