@@ -38,7 +38,7 @@ from ernie_lab.model.checks import (
     moe_layer,
 )
 from ernie_lab.model.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
-from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe, recipe_dir  # noqa: F401 (public here too)
+from ernie_lab.recipes import RecipeError, is_recipe_name, list_recipes, load_recipe, recipe_dir  # noqa: F401
 from ernie_lab.steering import steer_experts as steer_experts  # public as el.interventions.steer_experts
 
 Hooks = list[tuple[NameSpec, HookFn]]
