@@ -20,6 +20,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ErnieConfig": "ernie_lab.model",
     "ConfigError": "ernie_lab.model",
+    "ArgumentError": "ernie_lab.model",
+    "ArgumentRangeError": "ernie_lab.model",
+    "ArgumentTypeError": "ernie_lab.model",
+    "NonFiniteError": "ernie_lab.model",
     "ErnieMoE": "ernie_lab.model",
     "HookPoint": "ernie_lab.model",
     "HookError": "ernie_lab.model",

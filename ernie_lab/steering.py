@@ -10,18 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ernie_lab.model.checks import expert_map
 from ernie_lab.model.hook_points import HookPoint
-
-
-def _experts(model, layer: int, experts: Iterable[int]) -> list[int]:
-    cfg = model.config
-    if layer not in cfg.moe_layers:
-        raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {cfg.moe_layers}")
-    out = sorted({int(e) for e in experts})
-    bad = [e for e in out if not 0 <= e < cfg.moe_num_experts]
-    if bad:
-        raise ValueError(f"experts {bad} of layer {layer} are out of range [0, {cfg.moe_num_experts})")
-    return out
 
 
 def steer_experts(
@@ -35,14 +25,16 @@ def steer_experts(
     set to ``max + 1`` and each ``off`` expert to ``-inf``). The model then weights the new set by
     its unbiased probs, renormalised, so a forced-on expert with a tiny prob gets a tiny weight.
     Works with ``run_with_hooks``, ``run_with_cache`` and ``model.generate(..., fwd_hooks=...)``
-    (every step). Raises ValueError when a layer has an expert in both, more than k on, or fewer
-    than k experts left.
+    (every step). Layers and expert ids must be integers in range (``ernie_lab.model.checks``: a float,
+    bool or string raises ArgumentTypeError, never rounded); raises ValueError when a layer has an
+    expert in both, more than k on, or fewer than k experts left.
     """
-    on, off = dict(on or {}), dict(off or {})
+    on = expert_map(model.config, {} if on is None else on, "on")
+    off = expert_map(model.config, {} if off is None else off, "off")
     k, n_expert = model.config.moe_k, model.config.moe_num_experts
     hooks = []
-    for layer in sorted({int(L) for L in (*on, *off)}):
-        up, down = _experts(model, layer, on.get(layer, ())), _experts(model, layer, off.get(layer, ()))
+    for layer in sorted({*on, *off}):
+        up, down = on.get(layer, []), off.get(layer, [])
         if set(up) & set(down) or len(up) > k or n_expert - len(down) < k:
             raise ValueError(
                 f"layer {layer}: on={up} and off={down} must be disjoint, with at most k={k} experts on "

@@ -12,6 +12,8 @@ import pandas as pd
 import torch
 from einops import einsum
 
+from ernie_lab.model.checks import ArgumentRangeError, as_int, token_ids
+
 COLUMNS = ["batch", "component", "layer", "head", "slot", "expert", "weight", "contribution", "label"]
 
 
@@ -66,8 +68,14 @@ def direct_logit_attribution(
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     n_batch, cfg = input_ids.shape[0], model.config
-    answer_t = torch.as_tensor(answer, dtype=torch.long).expand(n_batch)
-    distractor_t = torch.as_tensor(distractor, dtype=torch.long).expand(n_batch)
+    ids = {}
+    for name, value in (("answer", answer), ("distractor", distractor)):
+        got = token_ids(value, name, cfg.vocab_size)
+        if len(got) not in (1, n_batch):
+            raise ArgumentRangeError(f"{name} must be one token id or one per batch row ({n_batch}), got {len(got)}")
+        ids[name] = torch.tensor(got, dtype=torch.long).expand(n_batch)
+    answer_t, distractor_t = ids["answer"], ids["distractor"]
+    position = as_int(position, "position", -input_ids.shape[1], input_ids.shape[1])
     store: dict[str, torch.Tensor] = {}
 
     def keep(x: torch.Tensor, hook) -> None:  # the value at ``position``, fp64 on the CPU

@@ -28,6 +28,7 @@ from ernie_lab.interventions import (
     zero_ablate_experts,
 )
 from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
+from ernie_lab.model.checks import as_ints, expert_map, moe_layer, moe_layers
 from ernie_lab.routing import collect_routing, expert_load
 
 __all__ = [
@@ -74,8 +75,7 @@ def ablation_hooks(model, experts: Mapping[int, Iterable[int]], mode: str = "zer
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    experts = {int(L): sorted({int(e) for e in es}) for L, es in experts.items()}
-    experts = {L: es for L, es in experts.items() if es}
+    experts = {L: es for L, es in expert_map(model.config, experts).items() if es}
     if not experts:
         return []
     if mode == "zero":
@@ -98,7 +98,7 @@ def _mean_outputs(model, reference: Any, experts: Mapping[int, Iterable[int]], t
     the expert's selections in each batch (counted by a ``hook_topk_idx`` hook on the same run). An
     expert never selected anywhere gets that function's fallback, its output averaged over all tokens.
     """
-    experts = {int(L): list(es) for L, es in experts.items() if len(list(es))}
+    experts = {L: es for L, es in expert_map(model.config, experts).items() if es}
     if not experts:
         return {}
     sequences = as_sequences(reference, tokenizer)
@@ -222,6 +222,10 @@ def ablation_effect(
     Columns: group, n_tokens, nll_base, nll_ablated, delta_loss (= nll_ablated - nll_base, mean NLL
     per predicted token), kl (mean KL(p_base || p_ablated) over the same positions), mode, experts.
     """
+    experts = expert_map(model.config, experts)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_batch_size(batch_size)
     sequences = as_sequences(dataset_ids, tokenizer)
     means = None
     if mode == "mean":
@@ -269,10 +273,10 @@ def expert_importance(
     Costs one base pass plus one pass per (layer, expert) for every batch.
     """
     cfg = model.config
-    layers = list(cfg.moe_layers if layers is None else layers)
-    bad = [L for L in layers if not cfg.is_moe_layer(L)]
-    if bad:
-        raise ValueError(f"layers {bad} are not MoE layers; MoE layers: {cfg.moe_layers}")
+    layers = list(cfg.moe_layers) if layers is None else moe_layers(cfg, layers)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_batch_size(batch_size)
     sequences = as_sequences(dataset, tokenizer)
     pairs = [(L, e) for L in layers for e in range(cfg.moe_num_experts)]
     means = None
@@ -328,14 +332,13 @@ def pruning_curve(
     """
     cfg = model.config
     n_expert = cfg.moe_num_experts
-    if not cfg.is_moe_layer(layer):
-        raise ValueError(f"layer {layer} is not a MoE layer; MoE layers: {cfg.moe_layers}")
+    layer = moe_layer(cfg, layer)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     max_n = n_expert - cfg.moe_k if mode == "reroute" else n_expert
-    steps = list(range(max_n + 1) if steps is None else steps)
-    if any(not 0 <= n <= max_n for n in steps):
-        raise ValueError(f"steps must lie in 0..{max_n} for mode={mode!r} (E={n_expert}, k={cfg.moe_k})")
+    what = f"steps (for mode={mode!r}, E={n_expert}, k={cfg.moe_k})"
+    steps = list(range(max_n + 1)) if steps is None else as_ints(steps, what, 0, max_n + 1)
+    check_batch_size(batch_size)
     sequences = as_sequences(dataset, tokenizer)
     if order_by == "importance":
         if importance is None:

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.interventions import steer_experts
+from ernie_lab.model.checks import as_count, as_number, check_frame_finite, expert_map
 from ernie_lab.routing import Routing, collect_routing
 
 
@@ -77,10 +78,15 @@ def risk_difference(
     return risk_frame(r_a, tokens_a, r_b, token_marks(r_b, marks_b, "marks_b"))
 
 
-def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0) -> tuple[dict, dict]:
+def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0, check_finite: bool = True) -> tuple[dict, dict]:
     """``(on, off)`` for ``steer_experts`` that push generation towards set A: per layer the ``n``
     experts with the largest ``rd`` (above ``min_rd``) on and the ``n`` with the most negative
-    (below ``-min_rd``) off."""
+    (below ``-min_rd``) off. ``n``: an integer >= 0; ``min_rd``: a number in [0, 1]; the frame's ``rd``
+    must be finite (NonFiniteError otherwise)."""
+    n = as_count(n, "n")
+    min_rd = as_number(min_rd, "min_rd", 0.0, 1.0)
+    if check_finite:
+        check_frame_finite(df, ["rd"], "steering_sets")
     on, off = {}, {}
     for layer, sub in df.groupby("layer", sort=True):
         ranked = sub.sort_values(["rd", "expert"], ascending=[False, True], kind="stable")
@@ -101,6 +107,8 @@ def forced_weights(
     unbiased router prob renormalised over the steered set, so an expert the router dislikes gets a
     small weight however it is forced in. Columns: layer, expert, mean_weight, min_weight, mean_prob
     (its unbiased router prob), over the real tokens of ``input_ids [batch pos]``."""
+    on = expert_map(model.config, on, "on")
+    off = expert_map(model.config, {} if off is None else off, "off")
     names = [f"blocks.{L}.moe.hook_{p}" for L in on for p in ("router_probs", "topk_idx", "topk_weights")]
     hooks = steer_experts(model, on=on, off=off)
     _, cache = model.run_with_cache(input_ids, names_filter=names, attention_mask=attention_mask, fwd_hooks=hooks)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
+from ernie_lab.io.chat_template import check_messages, encode_chat, prepare_messages, render_chat
 from ernie_lab.io.encoding import BatchEncoding, batch_encoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
@@ -35,6 +34,7 @@ from ernie_lab.io.tokenizer_files import (
     named_tokens,
     read_json,
 )
+from ernie_lab.model.checks import ArgumentTypeError, as_ints, check_text
 
 # The ERNIE 4.5 chat format (as the hub chat_template renders it), written as a jinja template that renders the
 # same strings as the ``chat_template`` shipped in the ERNIE 4.5 hub ``tokenizer_config.json``:
@@ -186,11 +186,13 @@ class ErnieTokenizer:
         """Token ids of ``text``; nothing added (no BOS). Special-token strings become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (a list or a 1-D tensor)."""
-        return self.tokenizer.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (a list or a 1-D integer tensor of ids in ``[0, vocab_size)``; a string,
+        floats or bools raise ArgumentTypeError, never read digit by digit)."""
+        return self.tokenizer.decode(_id_list(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, batch: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         """``decode`` for each row of ``batch`` ([batch pos] tensor or list of lists)."""
@@ -238,7 +240,7 @@ class ErnieTokenizer:
         byte-level BPE tokens (GPT-2's ``Ġ`` alphabet) are shown as their UTF-8 text, with
         ``\\xNN`` escapes for bytes that do not complete a character. Added tokens show verbatim.
         """
-        return [self._readable(i) for i in _id_list(ids)]
+        return [self._readable(i) for i in _id_list(ids, self.vocab_size)]
 
     def _readable(self, idx: int) -> str:
         token = self.tokenizer.id_to_token(idx)
@@ -279,6 +281,7 @@ class ErnieTokenizer:
         if not isinstance(template, str):
             raise TypeError(f"chat_template must be a jinja template string, got {type(template).__name__}")
         variables = {**self.special_tokens, **template_kwargs}
+        messages = prepare_messages(template, messages, variables)
         if tokenize and not special_tokens_in_content:
             return encode_chat(self.tokenizer, template, messages, add_generation_prompt, variables)
         text = render_chat(template, messages, add_generation_prompt, variables)
@@ -289,14 +292,12 @@ class ErnieTokenizer:
         return f"ErnieTokenizer(vocab_size={self.vocab_size}, {named})"
 
 
-def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1:
-            raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
-        return ids.tolist()
-    if isinstance(ids, str | bytes) or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
-        raise TypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
-    return [int(i) for i in ids]
+def _id_list(ids: list[int] | torch.Tensor, vocab: int) -> list[int]:
+    if isinstance(ids, torch.Tensor) and ids.dim() != 1:
+        raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+    if isinstance(ids, str | bytes):
+        raise ArgumentTypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
+    return as_ints(ids, "ids (token ids)", 0, vocab)
 
 
 def _byte_to_unicode() -> dict[int, str]:

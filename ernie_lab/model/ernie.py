@@ -258,6 +258,9 @@ class ErnieMoE(ShortcutsMixin, HookRegistry, nn.Module):
                 empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask rows {empty} have no real token (all 0)")
         if cache is not None:
+            if not hasattr(cache, "check_fits"):
+                raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+            cache.check_fits(self)
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache batch {cache.batch} != input batch {input_ids.shape[0]}")
             if cache.pos + input_ids.shape[1] > cache.capacity:

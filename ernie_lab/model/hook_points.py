@@ -39,7 +39,7 @@ class HookError(RuntimeError):
 class HookPoint:
     """A named place in the forward pass where hooks can read or replace an activation."""
 
-    __slots__ = ("name", "layer", "fwd", "bwd", "wrap")
+    __slots__ = ("name", "layer", "fwd", "bwd", "wrap", "check")
 
     def __init__(self, name: str, layer: int | None = None):
         self.name = name
@@ -49,6 +49,8 @@ class HookPoint:
         # set by a parallel plan (ernie_lab.distributed) where this process holds part of the
         # activation: wrap(x, point) makes it whole, calls point.run and returns this process's part
         self.wrap: Callable[[torch.Tensor, HookPoint], torch.Tensor] | None = None
+        # set by a parallel plan: check(result, point) sees each activation a hook replaced
+        self.check: Callable[[torch.Tensor, HookPoint], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -63,11 +65,14 @@ class HookPoint:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the attached hooks to the whole activation ``x``; returns the (possibly replaced) value."""
+        replaced = False
         for fn in list(self.fwd):
             out = fn(x, self)
             if out is not None:
                 self._check(out, x, fn)
-                x = out
+                x, replaced = out, True
+        if replaced and self.check is not None:
+            self.check(x, self)
         if self.bwd and x.requires_grad:
             # bind the hooks attached now: run_with_hooks detaches them before the caller's backward()
             fns = list(self.bwd)

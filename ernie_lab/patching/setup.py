@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.model.checks import as_ints
 from ernie_lab.patching.metrics import Metric, reduce_metric
 from ernie_lab.plots import sequence_tokens, token_label
 
@@ -143,7 +144,7 @@ class PatchingRuns:
         allowed = cfg.moe_layers if moe_only else list(range(self.n_layers))
         if layers is None:
             return allowed
-        layers = [int(L) for L in ([layers] if isinstance(layers, int) else layers)]
+        layers = as_ints(layers, "layers", scalar=True)
         for L in layers:
             if L not in allowed:
                 kind = "MoE layers" if moe_only else "layers"
@@ -154,7 +155,7 @@ class PatchingRuns:
         if positions is None:
             return list(range(self.n_pos))
         out = []
-        for p in [positions] if isinstance(positions, int) else positions:
+        for p in as_ints(positions, "positions", scalar=True):
             if not -self.n_pos <= p < self.n_pos:
                 raise ValueError(f"position {p} is outside the {self.n_pos} input positions")
             out.append(p % self.n_pos)

@@ -9,11 +9,14 @@ Memory: ``probs`` is fp32 ``[layer N expert]`` on the CPU, 4 * layers * experts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+
+from ernie_lab.model.checks import as_int
+from ernie_lab.model.checks import check_finite as _check_finite
 
 
 @dataclass
@@ -33,6 +36,9 @@ class Routing:
         token (domain, dataset, ...) or None; shared_norm / routed_norm / cosine ``[layer N]``:
         L2 norms of the shared and routed outputs and the cosine between them (None when not
         recorded; shared_norm and cosine are NaN for models without shared experts).
+
+    ``check_finite`` (default True): NaN or inf in ``probs``, ``weights`` or ``routed_norm`` raises
+    ``NonFiniteError`` naming the layer and hook point, so no statistic is computed on them.
     """
 
     layers: list[int]
@@ -47,6 +53,7 @@ class Routing:
     shared_norm: torch.Tensor | None = None
     routed_norm: torch.Tensor | None = None
     cosine: torch.Tensor | None = None
+    check_finite: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         self.layers = [int(L) for L in self.layers]
@@ -82,6 +89,11 @@ class Routing:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has length {len(value)}, expected N={n}")
+        if self.check_finite:
+            for name, point in (("probs", "router_probs"), ("weights", "topk_weights"), ("routed_norm", "routed_out")):
+                if getattr(self, name) is not None:
+                    where = f"Routing.{name}: blocks.{{layer}}.moe.hook_{point}"
+                    _check_finite(getattr(self, name), where, self.layers, "check_finite=False")
 
     @property
     def n_tokens(self) -> int:
@@ -99,7 +111,8 @@ class Routing:
         return self.n_tokens
 
     def layer_index(self, layer: int) -> int:
-        """Position of MoE layer ``layer`` along the ``layer`` axis."""
+        """Position of MoE layer ``layer`` (an integer, never a float or string) along the ``layer`` axis."""
+        layer = as_int(layer, "layer")
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not recorded; recorded MoE layers: {self.layers}")
         return self.layers.index(layer)

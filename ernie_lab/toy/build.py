@@ -158,7 +158,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
     (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    cfg = model.config
+    cfg, threads = model.config, torch.get_num_threads()
     card = f"""# ernie_lab toy model
 
 An ERNIE 4.5 MoE with the released architecture at laptop scale, trained by `ernie-lab train-toy`
@@ -173,7 +173,7 @@ this project; not derived from Baidu's weights.
 - Training: {settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens, AdamW, cosine lr {settings.lr},
   aux-loss-free balancing (bias step {settings.bias_gamma}), seed {settings.seed}; corpus {facts["n_docs"]} documents,
   {facts["n_tokens"]:,} tokens; {facts["seconds"] / 60:.1f} min on {metrics["machine"]}.
-- Reproduce: `ernie-lab train-toy --out DIR --steps {settings.steps} --seed {settings.seed} --threads {torch.get_num_threads()}`
+- Reproduce: `ernie-lab train-toy --out DIR --steps {settings.steps} --seed {settings.seed} --threads {threads}`
   (the same figures on this machine kind; float sums depend on the thread count)
 
 ![loss](loss_curve.png)
