@@ -14,7 +14,6 @@ from ernie_lab.toy.corpus import (
     is_heldout_text,
     training_corpus,
 )
-from ernie_lab.toy.dissociation import dissociation
 from ernie_lab.toy.prompts import (
     PATCHING_TASKS,
     TASKS,
@@ -45,3 +44,12 @@ __all__ = [
     "training_corpus",
     "write_prompt_sets",
 ]
+
+
+def __getattr__(name: str):
+    # the dissociation table needs the analysis wings; load them only when it is asked for
+    if name == "dissociation":
+        from ernie_lab.toy.dissociation import dissociation
+
+        return dissociation
+    raise AttributeError(f"module 'ernie_lab.toy' has no attribute {name!r}")
