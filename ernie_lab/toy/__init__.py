@@ -48,8 +48,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # the dissociation table needs the analysis wings; load them only when it is asked for
-    if name == "dissociation":
-        from ernie_lab.toy.dissociation import dissociation
+    if name in ("dissociation", "plot_dissociation"):
+        from ernie_lab.toy import causal
 
-        return dissociation
+        return getattr(causal, name)
     raise AttributeError(f"module 'ernie_lab.toy' has no attribute {name!r}")
