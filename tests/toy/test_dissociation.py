@@ -1,7 +1,7 @@
 """Issue 19's acceptance on the shipped toy: its specialised experts are causal, with a noise floor.
 
 Experts are picked on one half of each domain's held-out texts (data/prompts/domains.jsonl) and
-ablated on the other half; see :mod:`ernie_lab.toy.dissociation` for the table's definition.
+ablated on the other half; see :mod:`ernie_lab.toy.causal` for the table's definition.
 """
 
 from __future__ import annotations
