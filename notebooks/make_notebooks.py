@@ -84,7 +84,8 @@ ROUTING = [
     "here to **discover** which experts Chinese tokens prefer; the other half is kept back to **test** them in "
     "notebook 04, so the test does not reuse the texts that picked the experts. Per MoE layer, the two experts "
     "with the highest Chinese lift (lift 1 = uniform routing, k/E of the tokens).",
-    'rows = load_prompt_set("domains")\ndiscover = rows[0::2]  # every other text of each domain; rows[1::2] is kept back\n'
+    'rows = load_prompt_set("domains")\n'
+    "discover = rows[0::2]  # every other text of each domain; rows[1::2] is kept back\n"
     "r_disc = el.routing.collect_routing(\n"
     '    model, [x["text"] for x in discover], tok, groups=[x["domain"] for x in discover], progress=False\n)\n'
     "spec_disc = el.routing.domain_specialisation(r_disc)\n"

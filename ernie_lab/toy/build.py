@@ -19,10 +19,10 @@ from ernie_lab.io.weights import save_model
 from ernie_lab.model.ernie import ErnieMoE
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import plot_specialisation
+from ernie_lab.toy.causal import CRITERIA, dissociation
 from ernie_lab.toy.chat import document_pieces
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS as TOKENIZER_N_DOCS
 from ernie_lab.toy.corpus import training_corpus
-from ernie_lab.toy.causal import CRITERIA, dissociation
 from ernie_lab.toy.evaluate import heldout_nll, routing_report, summary_line, task_accuracy
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
