@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ernie_lab import routing as rt
-from ernie_lab.ablation.effects import token_nll
+from ernie_lab.ablation.core import token_nll
 from ernie_lab.io.datasets import as_sequences, iter_batches
 from ernie_lab.plots import diverging_heatmap, line_figure
 from ernie_lab.recipes import load_recipe
