@@ -109,7 +109,8 @@ def pruning_curve(
     held_out = bool(halves.held_out and own)
     curves = [(order_by, ablated[0], kl[0], [str(order[:n]) for n in steps])]
     if controls:  # each sequence's sums averaged over the random orders
-        curves.append(("random", ablated[1:].mean(0), kl[1:].mean(0), [f"{n} random ({controls} draws)" for n in steps]))
+        names = [f"{n} random ({controls} draws)" for n in steps]
+        curves.append(("random", ablated[1:].mean(0), kl[1:].mean(0), names))
     frames = []
     for label, a, k, names in curves:
         s = summarise(per, halves.evaluate, a, k, level=level, n_boot=n_boot, seed=seed)
