@@ -69,7 +69,8 @@ def plot_importance(
     ax.bar(x, sub[value], color=np.where(sub[value] >= 0, POSITIVE, NEGATIVE), label=_words(value))
     errors = _errors(sub, value)
     if errors is not None:
-        ax.errorbar(x, sub[value], yerr=errors, fmt="none", ecolor="k", elinewidth=0.8, capsize=2, label="95% interval")
+        bars = {"fmt": "none", "ecolor": "k", "elinewidth": 0.8, "capsize": 2}
+        ax.errorbar(x, sub[value], yerr=errors, label="bootstrap interval", **bars)
     floor = control[control["layer"] == layer]
     if len(floor) and value in floor.columns:
         row = floor.iloc[0]

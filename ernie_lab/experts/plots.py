@@ -53,18 +53,33 @@ def plot_super_experts(df: pd.DataFrame) -> Figure:
 
 
 def plot_risk_difference(df: pd.DataFrame, top: int = 20) -> Figure:
-    """Bars of the ``top`` largest |rd| (layer, expert) pairs of ``risk_difference``: red = chosen
-    more on set A, blue = more on set B."""
-    sub = df.reindex(df["rd"].abs().sort_values(ascending=False, kind="stable").index).iloc[:top]
-    labels = [f"L{int(L)}.e{int(e)}" for L, e in zip(sub["layer"], sub["expert"], strict=True)]
-    fig, ax = new_figure(figsize=(max(5.0, 0.35 * len(sub) + 2), 3.8))
-    colors = np.where(sub["rd"] > 0, "tab:red", "tab:blue")
-    ax.bar(range(len(sub)), sub["rd"], color=colors)
+    """Bars of the ``top`` largest |rd| (layer, expert) pairs of ``risk_difference`` (picked on the discover
+    half): red = chosen more on set A, blue = more on set B; with a held-out split, the bars show the
+    held-out rd with its bootstrap interval, the discover rd as a black tick, and the random-expert
+    control's interval (widest over layers) as a grey band."""
+    control = df[df["control"].astype(bool)] if "control" in df.columns else df.iloc[:0]
+    experts = df.drop(control.index)
+    sub = experts.reindex(experts["rd"].abs().sort_values(ascending=False, kind="stable").index).iloc[:top]
+    labels = [f"L{int(L)} e{int(e)}" for L, e in zip(sub["layer"], sub["expert"], strict=True)]
+    fig, ax = new_figure(figsize=(max(5.0, 0.35 * len(sub) + 2), 4.0))
+    held = "rd_heldout" in sub.columns and "held out" in str(sub["split"].iloc[0] if len(sub) else "")
+    value = sub["rd_heldout"] if held else sub["rd"]
+    x = np.arange(len(sub))
+    ax.bar(x, value, color=np.where(sub["rd"] > 0, "tab:red", "tab:blue"), label="risk difference")
+    if {"ci_low", "ci_high"} <= set(sub.columns) and "rd_heldout" in sub.columns:
+        err = np.abs(np.vstack([sub["rd_heldout"] - sub["ci_low"], sub["ci_high"] - sub["rd_heldout"]]))
+        ax.errorbar(x, sub["rd_heldout"], yerr=err, fmt="none", ecolor="k", elinewidth=0.8, capsize=2)
+    if held:
+        ax.plot(x, sub["rd"], "_", color="k", ms=12, label="rd on the discover half")
+    if len(control) and {"ci_low", "ci_high"} <= set(control.columns):
+        ax.axhspan(control["ci_low"].min(), control["ci_high"].max(), color="0.6", alpha=0.35, label="random experts")
     ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(sub)), labels, rotation=90)
-    ax.set_xlabel("layer, expert")
-    ax.set_ylabel("rd = p_a - p_b")
-    ax.set_title("experts selected more on set A (red) or B (blue)")
+    ax.set_xticks(x, labels, rotation=90)
+    ax.set_xlabel("MoE layer and expert (largest |rd| on the discover half)")
+    ax.set_ylabel("selection rate on A minus on B")
+    where = "held-out half with bootstrap interval" if held else "same texts that picked them"
+    ax.set_title(f"experts selected more on set A (red) or set B (blue): {where}", fontsize=10)
+    ax.legend(fontsize=7)
     return fig
 
 
