@@ -181,16 +181,18 @@ def control_draws(
 
 
 def fit_through_origin(x: Any, y: Any) -> dict[str, float]:
-    """Least squares ``y ≈ slope * x`` through the origin: ``slope = Σxy / Σx²`` and
-    ``r2 = 1 - Σ(y - slope x)² / Σy²`` (uncentred, as fits through the origin are judged), plus the
-    Pearson ``r``. NaN pairs dropped; fewer than 2 pairs: ValueError."""
+    """Least squares ``y ≈ slope * x`` through the origin: ``slope = Σxy / Σx²`` and its
+    ``r2 = 1 - Σ(y - slope x)² / Σy²`` (uncentred, as fits through the origin are judged); ``r2_identity =
+    1 - Σ(y - x)² / Σ(y - ȳ)²``, the R² of the line y = x (1 = y equals x; <= 0 = no better than ȳ); and
+    the Pearson ``r``. NaN pairs dropped; fewer than 2 pairs: ValueError."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     if len(x) < 2:
         raise ValueError(f"only {len(x)} finite pairs; a fit needs at least 2")
-    sxx, syy = float(x @ x), float(y @ y)
+    sxx, syy, spread = float(x @ x), float(y @ y), float(((y - y.mean()) ** 2).sum())
     slope = float(x @ y) / sxx if sxx else float("nan")
     r2 = 1.0 - float(((y - slope * x) ** 2).sum()) / syy if syy else float("nan")
+    r2_identity = 1.0 - float(((y - x) ** 2).sum()) / spread if spread else float("nan")
     r = float(np.corrcoef(x, y)[0, 1]) if x.std() and y.std() else float("nan")
-    return {"r": r, "slope": slope, "r2": r2, "n": int(len(x))}
+    return {"r": r, "slope": slope, "r2": r2, "r2_identity": r2_identity, "n": int(len(x))}

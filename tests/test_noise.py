@@ -104,5 +104,6 @@ def test_fit_through_origin_reveals_an_under_estimate():
     assert fit["r"] > 0.99 and fit["slope"] == pytest.approx(0.5, abs=0.01) and fit["r2"] > 0.99
     exact = noise.fit_through_origin(x, x)
     assert exact["slope"] == pytest.approx(1.0) and exact["r2"] == pytest.approx(1.0)
+    assert exact["r2_identity"] == pytest.approx(1.0) and fit["r2_identity"] < 0.5
     with pytest.raises(ValueError, match="at least 2"):
         noise.fit_through_origin([1.0], [np.nan])

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ernie_lab.noise import fit_through_origin
 from ernie_lab.patching.attribution import merge_effects
-from ernie_lab.plots import SIGNED_CMAP, NotebookFigure
+from ernie_lab.plots import SIGNED_CMAP, NotebookFigure, new_figure
 
 
 def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str) -> Figure:
@@ -67,21 +68,28 @@ def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = 
 
 
 def plot_attribution_vs_exact(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> Figure:
-    """Scatter of attribution-patching estimates against exact patching, with y = x and Pearson r."""
+    """Scatter of attribution-patching estimates against exact patching, with y = x, the least-squares
+    line through the origin, and r, its slope and the R² of y = x (``attribution_agreement``) in the title."""
     merged = merge_effects(exact_df, attr_df, value).dropna()
     x, y = merged[f"{value}_exact"].to_numpy(), merged[f"{value}_attr"].to_numpy()
-    fig = NotebookFigure(figsize=(4.5, 4.5))
-    ax = fig.subplots()
+    fig, ax = new_figure(figsize=(5.0, 4.8))
     color = merged.get("layer")
     points = ax.scatter(x, y, c=color, cmap="viridis", s=18)
     if color is not None:
         fig.colorbar(points, ax=ax, label="layer")
     both = np.concatenate([x, y]) if len(x) else np.zeros(1)
     lo, hi = float(both.min()), float(both.max())
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
-    r = np.corrcoef(x, y)[0, 1] if len(x) > 1 else float("nan")
-    ax.set_xlabel(f"exact {value}")
-    ax.set_ylabel(f"attribution {value}")
-    ax.set_title(f"attribution vs exact (r = {r:.3f}, n = {len(x)})")
-    fig.tight_layout()
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x (attribution = exact)")
+    fit = fit_through_origin(x, y) if len(x) > 1 else {"r": np.nan, "slope": np.nan, "r2_identity": np.nan}
+    if np.isfinite(fit["slope"]):
+        ax.plot([lo, hi], [fit["slope"] * lo, fit["slope"] * hi], color="k", lw=1, label="least squares through 0")
+    ax.legend(fontsize=7)
+    words = value.replace("_", " ")
+    ax.set_xlabel(f"exact patching: normalised {words}" if value == "effect" else f"exact patching: {words}")
+    ax.set_ylabel(f"attribution patching estimate: {words}")
+    ax.set_title(
+        f"attribution vs exact patching (n = {len(x)})\nr = {fit['r']:.3f}, slope = {fit['slope']:.3f}, "
+        f"R² against y = x: {fit['r2_identity']:.3f}",
+        fontsize=10,
+    )
     return fig
