@@ -92,6 +92,35 @@ def plot_importance(
     return fig
 
 
+def plot_ablation_effect(df: pd.DataFrame) -> Figure:
+    """Δloss per token group of ``ablation_effect``: the ablation (red/blue) beside the random-expert
+    control (grey), each with its bootstrap interval as error bars."""
+    main = df[~df["control"].astype(bool)] if "control" in df.columns else df
+    control = df[df["control"].astype(bool)].set_index("group") if "control" in df.columns else None
+    groups = main["group"].tolist()
+    x = np.arange(len(groups))
+    width = 0.4 if control is not None and len(control) else 0.8
+    fig, ax = new_figure(figsize=(max(5.0, 0.7 * len(groups) + 2.5), 4.0))
+    bars = {"fmt": "none", "ecolor": "k", "elinewidth": 0.8, "capsize": 2}
+    values = main["delta_loss"].to_numpy()
+    ax.bar(x - (width / 2 if width < 0.8 else 0), values, width, color=np.where(values >= 0, POSITIVE, NEGATIVE),
+           label=f"ablated: {main['experts'].iloc[0]}")  # fmt: skip
+    if {"ci_low", "ci_high"} <= set(main.columns):
+        ax.errorbar(x - (width / 2 if width < 0.8 else 0), values, yerr=_errors(main, "delta_loss"), **bars)
+    if control is not None and len(control):
+        floor = control.loc[groups]
+        ax.bar(x + width / 2, floor["delta_loss"], width, color="0.6", label="random experts (control)")
+        ax.errorbar(x + width / 2, floor["delta_loss"], yerr=_errors(floor, "delta_loss"), **bars)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(x, groups, rotation=90 if len(groups) > 8 else 0)
+    ax.set_xlabel("token group")
+    ax.set_ylabel(_words("delta_loss"))
+    mode = main["mode"].iloc[0] if "mode" in main.columns else ""
+    ax.set_title(f"{mode} ablation of {main['experts'].iloc[0]}: loss change per group", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def plot_pruning_curve(df: pd.DataFrame, value: str = "delta_loss") -> Figure:
     """``value`` (delta_loss, loss or kl) against the fraction of experts ablated, one line per
     (layer, order_by, mode) of ``pruning_curve`` frames (concatenate several to compare), with a shaded

@@ -92,8 +92,12 @@ def run_risk_difference(ctx: Context, opts: dict, sec: Section) -> None:
     a, b = opts["group_a"] or groups[0], opts["group_b"] or groups[-1]
     if a not in groups or b not in groups:
         raise SpecError(f"analyses.{sec.id}: groups {a!r}, {b!r} must be among {groups}")
-    rd = ex.risk_frame(r, torch.as_tensor(r.groups == a), r, torch.as_tensor(r.groups == b))
-    sec.table("risk_difference", rd, f"p_a: selection rate on {a!r}, p_b: on {b!r}; rd = p_a - p_b")
+    rd = ex.risk_frame(r, torch.as_tensor(r.groups == a), r, torch.as_tensor(r.groups == b), seed=ctx.spec["seed"])
+    sec.table(
+        "risk_difference",
+        rd,
+        f"p_a: selection rate on {a!r}, p_b: on {b!r}; rd = p_a - p_b on the discover half, rd_heldout on the other",
+    )
     sec.figure("risk_difference", ex.plot_risk_difference(rd, opts["top"]), f"set A = {a!r}, set B = {b!r}")
     on, off = ex.steering_sets(rd, n=opts["steer"])
     data = ctx.texts(opts["dataset"])
