@@ -4,6 +4,8 @@ resolved options and the :class:`~ernie_lab.report.context.Section` to fill."""
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import torch
 
@@ -104,7 +106,12 @@ def run_risk_difference(ctx: Context, opts: dict, sec: Section) -> None:
     prompt = next(t for t, g in zip(data.texts, data.groups, strict=True) if g == b)
     ids = torch.tensor([ctx.tokenizer.encode(prompt)[: opts["prompt_tokens"]]])
     rows = []
-    for label, hooks in (("plain", []), (f"steered towards {a}", steer_experts(ctx.model, on=on, off=off))):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        steered = steer_experts(ctx.model, on=on, off=off)
+    for w in caught:
+        sec.note(f"Warning: {w.message}")
+    for label, hooks in (("plain", []), (f"steered towards {a}", steered)):
         out = ctx.model.generate(ids, max_new_tokens=opts["max_new_tokens"], fwd_hooks=hooks, progress=False)
         rows.append({"run": label, "continuation": ctx.tokenizer.decode(out[0, ids.shape[1] :].tolist())})
     sec.table("steering", pd.DataFrame(rows), f"greedy continuation of a {b!r} prompt; on={on}, off={off}")
