@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ernie_lab.plots import NEGATIVE, POSITIVE, SIGNED_CMAP, heatmap, new_figure, pivot
+from ernie_lab.plots import NEGATIVE, POSITIVE, SIGNED_CMAP, heatmap, new_figure, pivot, set_title
 
 LABELS = {
     "delta_loss": "Δloss when ablated (nats per token)",
@@ -88,7 +88,7 @@ def plot_importance(
         twin.plot(x, sub["load"], "o", color="0.3", label="load")
         twin.set_ylabel(_words("load"), color="0.3")
     title = f"layer {layer}: {mode}importance of each expert"
-    ax.set_title(title + (f", measured on the {where}" if where else ""))
+    set_title(ax, title + (f", measured on the {where}" if where else ""))
     return fig
 
 

@@ -167,6 +167,7 @@ class PatchingRuns:
             df.insert(list(df.columns).index("pos") + 1, "token", [labels[p] for p in df["pos"]])
         df["metric"] = metrics
         df["effect"] = self.effect(metrics)
+        df["direction"] = self.direction  # denoising: clean patched into corrupt; noising: the reverse
         return df
 
     # ------------------------------------------------------------------------ batched runs

@@ -27,6 +27,7 @@ COLUMNS = {
     "rank": "rank within its layer / expert (1 = largest)",
     "token_id": "token id",
     "mode": "ablation mode (zero, reroute or mean)",
+    "direction": "denoising: clean activations patched into the corrupt run; noising: the reverse",
     "experts": "experts ablated together ({layer: [expert, ...]}); control rows: the random draws",
     "control": "True: a random-expert control (same layer and count, draws averaged), the noise floor to beat",
     "ci_low": "lower end of the bootstrap interval over sequences (95% by default)",
