@@ -7,6 +7,7 @@ Predicted tokens are the pairs (t, t+1) with both tokens real: padding is never 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,10 +118,32 @@ def mean_outputs(model, reference: Any, experts: Mapping[int, Iterable[int]], to
 
 
 # --------------------------------------------------------------------------- dataset loop
-def _predicted_log_probs(model, ids, mask, valid, hooks) -> torch.Tensor:
-    """Log-probs ``[n vocab]`` at the predicted positions ``valid [batch pos-1]``, on the model's device."""
-    logp = _log_probs(model, ids, mask, hooks)[:, :-1]
+def _predicted_log_probs(model, ids, mask, valid, hooks, start: int = 0, resid=None) -> torch.Tensor:
+    """Log-probs ``[n vocab]`` at the predicted positions ``valid [batch pos-1]``, on the model's device;
+    with ``start`` > 0, only blocks ``start..`` run, from ``resid`` (``model.forward_from``)."""
+    if start:
+        with torch.no_grad(), model.hooks(list(hooks)):
+            logp = model.forward_from(start, resid, ids, mask).float().log_softmax(-1)[:, :-1]
+    else:
+        logp = _log_probs(model, ids, mask, hooks)[:, :-1]
     return logp[valid.to(logp.device)]
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def first_edited_layer(model, hook_sets: Sequence[list]) -> int:
+    """The first block any of ``hook_sets`` touches (its hook names say so), or 0 when a hook is named
+    by a predicate or sits before the blocks, or the model cannot start mid-way (tensor parallel)."""
+    if not hasattr(model, "forward_from") or getattr(model, "tp_mesh", None) is not None:
+        return 0
+    layers = []
+    for name, _ in (pair for hooks in hook_sets for pair in hooks):
+        found = _BLOCK.match(name) if isinstance(name, str) else None
+        if found is None:
+            return 0
+        layers.append(int(found.group(1)))
+    return min(layers, default=0)
 
 
 @dataclass(frozen=True)
@@ -173,6 +196,10 @@ def run_per_sequence(
         sums["selected"][load_layers.index(hook.layer)] += torch.bincount(flat, minlength=sums["selected"].shape[1])
 
     load_hooks = [(f"blocks.{L}.moe.hook_topk_idx", count) for L in load_layers]
+    # every hook set edits blocks >= start only: run the earlier blocks once, in the base pass
+    start, stash = first_edited_layer(model, hook_sets), {}
+    if start:
+        load_hooks.append((f"blocks.{start}.hook_resid_pre", lambda x, hook: stash.__setitem__("resid", x)))
     n_batches = -(-len(todo) // batch_size)
     batches = iter_batches([sequences[i] for i in todo], batch_size, model.config.pad_token_id or 0)
     for ids, mask, batch_rows in tqdm(batches, total=n_batches, disable=not progress, desc="ablation"):
@@ -187,7 +214,7 @@ def run_per_sequence(
         sums["base"] += torch.bincount(seq, weights=-base.gather(-1, targets)[:, 0].double().cpu(), minlength=n_seq)
         p_base = base.exp()
         for a, hooks in enumerate(hook_sets):
-            logp = _predicted_log_probs(model, ids, mask, valid, hooks) if hooks else base
+            logp = _predicted_log_probs(model, ids, mask, valid, hooks, start, stash.get("resid")) if hooks else base
             nll = -logp.gather(-1, targets)[:, 0]
             kl = (p_base * (base - logp)).sum(-1)  # KL(p_base || p_ablated) per position
             sums["ablated"][a] += torch.bincount(seq, weights=nll.double().cpu(), minlength=n_seq)
