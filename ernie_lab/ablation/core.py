@@ -7,7 +7,6 @@ Predicted tokens are the pairs (t, t+1) with both tokens real: padding is never 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from ernie_lab.interventions import (
     zero_ablate_experts,
 )
 from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
+from ernie_lab.model.hook_points import first_edited_layer
 
 __all__ = ["MODES", "token_nll", "ablation_hooks", "mean_outputs", "PerSequence", "run_per_sequence"]
 
@@ -127,23 +127,6 @@ def _predicted_log_probs(model, ids, mask, valid, hooks, start: int = 0, resid=N
     else:
         logp = _log_probs(model, ids, mask, hooks)[:, :-1]
     return logp[valid.to(logp.device)]
-
-
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-
-
-def first_edited_layer(model, hook_sets: Sequence[list]) -> int:
-    """The first block any of ``hook_sets`` touches (its hook names say so), or 0 when a hook is named
-    by a predicate or sits before the blocks, or the model cannot start mid-way (tensor parallel)."""
-    if not hasattr(model, "forward_from") or getattr(model, "tp_mesh", None) is not None:
-        return 0
-    layers = []
-    for name, _ in (pair for hooks in hook_sets for pair in hooks):
-        found = _BLOCK.match(name) if isinstance(name, str) else None
-        if found is None:
-            return 0
-        layers.append(int(found.group(1)))
-    return min(layers, default=0)
 
 
 @dataclass(frozen=True)

@@ -98,16 +98,18 @@ def run_dla(ctx: Context, opts: dict, sec: Section) -> None:
 # --------------------------------------------------------------------------------------- ablation
 def _importance(ctx: Context, dataset: str, layers: list[int], mode: str) -> pd.DataFrame:
     """Importance rows of ``layers`` (ranked on one half of the texts, measured on the other); each
-    (dataset, layer, mode) is computed once per report."""
+    (dataset, layer, mode) is computed once per report, the missing layers together in one run (one
+    base pass; a layer's rows do not depend on which layers share the run)."""
     data = ctx.texts(dataset)
-    frames = []
-    for L in layers:
-        compute = lambda L=L: ab.expert_importance(
-            ctx.model, data.texts, [L], mode, tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False,
+    missing = [L for L in layers if not ctx.has(("importance", dataset, L, mode))]
+    if missing:
+        df = ab.expert_importance(
+            ctx.model, data.texts, missing, mode, tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False,
             seed=ctx.spec["seed"],
         )  # fmt: skip
-        frames.append(ctx.memo(("importance", dataset, L, mode), compute))
-    return pd.concat(frames, ignore_index=True)
+        for L in missing:
+            ctx.memo(("importance", dataset, L, mode), lambda L=L: df[df["layer"] == L].reset_index(drop=True))
+    return pd.concat([ctx.memo(("importance", dataset, L, mode), None) for L in layers], ignore_index=True)
 
 
 def run_expert_importance(ctx: Context, opts: dict, sec: Section) -> None:
