@@ -179,10 +179,10 @@ def run_per_sequence(
         sums["selected"][load_layers.index(hook.layer)] += torch.bincount(flat, minlength=sums["selected"].shape[1])
 
     load_hooks = [(f"blocks.{L}.moe.hook_topk_idx", count) for L in load_layers]
-    # every hook set edits blocks >= start only: run the earlier blocks once, in the base pass
-    start, stash = first_edited_layer(model, hook_sets), {}
-    if start:
-        load_hooks.append((f"blocks.{start}.hook_resid_pre", lambda x, hook: stash.__setitem__("resid", x)))
+    # a hook set that edits blocks >= L only runs blocks L..: the earlier ones come from the base pass
+    starts, stash = [first_edited_layer(model, [hooks]) for hooks in hook_sets], {}
+    for L in sorted(set(starts) - {0}):
+        load_hooks.append((f"blocks.{L}.hook_resid_pre", lambda x, hook, L=L: stash.__setitem__(L, x)))
     n_batches = -(-len(todo) // batch_size)
     batches = iter_batches([sequences[i] for i in todo], batch_size, model.config.pad_token_id or 0)
     for ids, mask, batch_rows in tqdm(batches, total=n_batches, disable=not progress, desc="ablation"):
@@ -197,7 +197,8 @@ def run_per_sequence(
         sums["base"] += torch.bincount(seq, weights=-base.gather(-1, targets)[:, 0].double().cpu(), minlength=n_seq)
         p_base = base.exp()
         for a, hooks in enumerate(hook_sets):
-            logp = _predicted_log_probs(model, ids, mask, valid, hooks, start, stash.get("resid")) if hooks else base
+            start = starts[a]
+            logp = _predicted_log_probs(model, ids, mask, valid, hooks, start, stash.get(start)) if hooks else base
             nll = -logp.gather(-1, targets)[:, 0]
             kl = (p_base * (base - logp)).sum(-1)  # KL(p_base || p_ablated) per position
             sums["ablated"][a] += torch.bincount(seq, weights=nll.double().cpu(), minlength=n_seq)
