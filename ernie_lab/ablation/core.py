@@ -164,6 +164,7 @@ def run_per_sequence(
     split = data_split(model)
     if split:
         todo = todo[split.part(len(todo))]
+    todo = sorted(todo, key=lambda i: (len(sequences[i]), i))  # similar lengths share a batch: little padding
     sums = {
         "count": torch.zeros(n_seq, dtype=torch.float64),
         "base": torch.zeros(n_seq, dtype=torch.float64),
