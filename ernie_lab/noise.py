@@ -1,4 +1,4 @@
-"""Noise floors shared by every causal analysis (ANALYSES.md, "Noise floors, controls, held-out evaluation").
+"""Noise floors shared by every causal analysis (README, "Noise floors").
 
 Three small pieces, used by ``ablation``, ``experts`` and ``patching`` alike:
 

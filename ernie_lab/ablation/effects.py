@@ -3,7 +3,7 @@
 The ablations themselves are hooks from ``ernie_lab.interventions`` (zero / reroute / mean); this
 module measures what they do to the loss: ``Δloss = mean NLL(ablated) - mean NLL(base)`` over predicted
 tokens and ``KL(p_base || p_ablated)`` per position, overall and per token group; the importance of each
-expert alone; pruning curves. Every effect comes with (ANALYSES.md, "Noise floors"):
+expert alone; pruning curves. Every effect comes with (README, "Noise floors"):
 
 - ``ci_low`` / ``ci_high`` / ``n_seq``: a percentile bootstrap interval over sequences (``level``,
   ``n_boot`` resamples, ``seed``) computed from stored per-sequence sums (:mod:`ernie_lab.noise`);

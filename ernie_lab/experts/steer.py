@@ -1,6 +1,6 @@
 """Steering doses: what graded expert steering (``el.interventions.steer_experts(..., strength=)``) does to
 routing and loss on a dataset, from off (strength 0) to forced (``math.inf``), beside random-expert controls
-and with bootstrap intervals over sequences (ANALYSES.md, "Noise floors")."""
+and with bootstrap intervals over sequences (README, "Noise floors")."""
 
 from __future__ import annotations
 
