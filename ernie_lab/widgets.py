@@ -221,7 +221,8 @@ def ablation_summary(
 ) -> dict[str, pd.DataFrame]:
     """Ablate ``experts`` of MoE ``layer`` together on ``texts``: the loss effect and the routing diff.
 
-    Returns ``{"effect": ablation_effect frame (overall and per group; default one group per text),
+    Returns ``{"effect": ablation_effect frame (overall and per group; default one group per text;
+    with rows ``control=True`` for random experts of the layer),
     "agreement": routing agreement with the un-ablated model per layer, "load": the load of ``layer``'s
     experts without and with the ablation}``. ``base``: the un-ablated Routing, to reuse it.
     """

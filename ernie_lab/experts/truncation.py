@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import einsum
 from tqdm.auto import tqdm
 
-from ernie_lab.ablation import token_nll
+from ernie_lab.ablation.core import run_per_sequence
 from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
 from ernie_lab.model.checks import as_int, as_ints, moe_layers
 
@@ -67,19 +67,13 @@ def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
     return hooks
 
 
-def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool, desc: str) -> np.ndarray:
+def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool) -> np.ndarray:
+    """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``. One base
+    pass per batch serves every empty hook set (the model itself), and each set runs from its first
+    edited block (:func:`ernie_lab.ablation.core.run_per_sequence`)."""
     check_batch_size(batch_size)
-    """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``."""
-    total, count = np.zeros(len(hook_sets)), 0
-    batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
-    for ids, mask, _ in tqdm(batches, total=-(-len(sequences) // batch_size), disable=not progress, desc=desc):
-        for i, hooks in enumerate(hook_sets):
-            nll = token_nll(model, ids, mask, hooks)
-            total[i] += float(nll.nan_to_num(0.0).double().sum())
-        count += int(((mask[:, :-1] == 1) & (mask[:, 1:] == 1)).sum())
-    if count == 0:
-        raise ValueError("the dataset has no predicted token (every sequence needs >= 2 real tokens)")
-    return total / count
+    per = run_per_sequence(model, sequences, hook_sets, batch_size, progress)
+    return (per.ablated.sum(1) / per.count.sum()).numpy()
 
 
 def truncation_lens(
@@ -123,7 +117,8 @@ def truncation_lens(
             state["real"] = mask.bool()
             n_real += int(mask.sum())
             model(ids, attention_mask=mask)
-    nll = _mean_nll(model, sequences, [truncate_topk(model, j + 1) for j in range(k)], batch_size, progress, "k'")
+    sets = [truncate_topk(model, j + 1) for j in range(k - 1)] + [[]]  # k' = k is the model itself
+    nll = _mean_nll(model, sequences, sets, batch_size, progress)
     return pd.DataFrame(
         {
             "layer": np.repeat(layers, k),
@@ -152,5 +147,6 @@ def topk_knockout(
     )
     hook_sets = [knockout_topk(model, r) for r in ranks]
     sequences = as_sequences(data, tokenizer)
-    nll = _mean_nll(model, sequences, [[], *hook_sets], batch_size, progress, "knockout")
+    sets = [[] if r == 0 else hooks for r, hooks in zip(ranks, hook_sets, strict=True)]  # r = 0: the model
+    nll = _mean_nll(model, sequences, [[], *sets], batch_size, progress)
     return pd.DataFrame({"r": ranks, "nll": nll[1:], "delta_nll": nll[1:] - nll[0]})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -312,3 +313,20 @@ def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
         return losses.mean()
     keep = attention_mask.reshape(ids.shape)[:, 1:].flatten().to(losses.device, losses.dtype)
     return (losses * keep).sum() / keep.sum()
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def first_edited_layer(model, hook_sets: Sequence[list]) -> int:
+    """The first block any of ``hook_sets`` touches (its hook names say so), or 0 when a hook is named
+    by a predicate or sits before the blocks, or the model cannot start mid-way (tensor parallel)."""
+    if not hasattr(model, "forward_from") or getattr(model, "tp_mesh", None) is not None:
+        return 0
+    layers = []
+    for name, _ in (pair for hooks in hook_sets for pair in hooks):
+        found = _BLOCK.match(name) if isinstance(name, str) else None
+        if found is None:
+            return 0
+        layers.append(int(found.group(1)))
+    return min(layers, default=0)
