@@ -186,11 +186,11 @@ def steering_sets(df: pd.DataFrame, n: int = 1, min_rd: float = 0.0, check_finit
     must be finite (NonFiniteError otherwise)."""
     n = as_count(n, "n")
     min_rd = as_number(min_rd, "min_rd", 0.0, 1.0)
+    if "control" in df.columns:  # control rows carry no rd of their own
+        df = df[~df["control"].astype(bool)]
     if check_finite:
         check_frame_finite(df, ["rd"], "steering_sets")
     on, off = {}, {}
-    if "control" in df.columns:
-        df = df[~df["control"].astype(bool)]
     for layer, sub in df.groupby("layer", sort=True):
         ranked = sub.sort_values(["rd", "expert"], ascending=[False, True], kind="stable")
         up = ranked[ranked["rd"] > min_rd]["expert"].iloc[:n]
