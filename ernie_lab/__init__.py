@@ -5,7 +5,7 @@
     logits, cache = model.run_with_cache(tokens)
 
 The package is a set of wings, each a subpackage (``model``, ``io``, ``generation``, ``routing``,
-``patching``, ``ablation``, ``experts``, ``distributed``, ``report``, ``toy``, ``commands``); see the
+``patching``, ``ablation``, ``lens``, ``experts``, ``distributed``, ``report``, ``toy``, ``commands``); see the
 README's "Architecture".
 Public names resolve lazily, so ``import ernie_lab`` stays cheap (no pandas/matplotlib until an
 analysis is used).
@@ -20,10 +20,16 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ErnieConfig": "ernie_lab.model",
     "ConfigError": "ernie_lab.model",
+    "ArgumentError": "ernie_lab.model",
+    "ArgumentRangeError": "ernie_lab.model",
+    "ArgumentTypeError": "ernie_lab.model",
+    "NonFiniteError": "ernie_lab.model",
     "ErnieMoE": "ernie_lab.model",
     "HookPoint": "ernie_lab.model",
     "HookError": "ernie_lab.model",
     "ActivationCache": "ernie_lab.model",
+    "CacheExistsError": "ernie_lab.model",
+    "CacheFileError": "ernie_lab.model",
     "KVCache": "ernie_lab.model",
     "count_params": "ernie_lab.model",
     "load_model": "ernie_lab.distributed",
@@ -42,6 +48,7 @@ _MODULES = (
     "routing",
     "patching",
     "ablation",
+    "lens",
     "experts",
     "report",
     "widgets",

@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Integral
 
 import torch
 
+from ernie_lab.model.checks import (
+    ArgumentRangeError,
+    ArgumentTypeError,
+    as_ints,
+    as_number,
+    expert_ids,
+    expert_map,
+    moe_layer,
+)
 from ernie_lab.model.hook_points import ActivationCache, HookError, HookFn, HookPoint, NameSpec
-from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe, recipe_dir  # noqa: F401 (public here too)
+from ernie_lab.recipes import RecipeError, is_recipe_name, list_recipes, load_recipe, recipe_dir  # noqa: F401
 from ernie_lab.steering import steer_experts as steer_experts  # public as el.interventions.steer_experts
 
 Hooks = list[tuple[NameSpec, HookFn]]
@@ -44,8 +52,13 @@ def _axes(name: str) -> tuple[int, int]:
     return (2, 1) if name.rsplit(".", 1)[-1] in _HEAD_FIRST else (1, 2)
 
 
-def _as_index(values) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.long).flatten()
+def _positions(positions) -> list[int] | None:
+    """Positions checked at the call (integers; a float or bool is never rounded)."""
+    return None if positions is None else as_ints(positions, "positions", scalar=True)
+
+
+def _as_index(values, name: str) -> torch.Tensor:
+    return torch.tensor(as_ints(values, name, scalar=True), dtype=torch.long)
 
 
 def _select(x: torch.Tensor, name: str, positions=None, index=None) -> torch.Tensor | None:
@@ -54,7 +67,7 @@ def _select(x: torch.Tensor, name: str, positions=None, index=None) -> torch.Ten
     mask = torch.ones((1,) * x.ndim, dtype=torch.bool, device=x.device)
     if positions is not None:
         n_pos = x.shape[pos_axis]
-        pos = _as_index(positions)
+        pos = _as_index(positions, "positions")
         keep = pos == -1 if n_pos == 1 else (pos >= -n_pos) & (pos < n_pos)  # n_pos == 1: decode step
         pos = pos[keep] % n_pos
         if pos.numel() == 0:
@@ -68,7 +81,7 @@ def _select(x: torch.Tensor, name: str, positions=None, index=None) -> torch.Ten
         if x.ndim <= idx_axis:
             raise HookError(f"index= needs an axis after pos, but {name} has shape {tuple(x.shape)}")
         n_idx = x.shape[idx_axis]
-        idx = _as_index(index)
+        idx = _as_index(index, "index")
         if bool(((idx < -n_idx) | (idx >= n_idx)).any()):
             raise HookError(f"index {idx.tolist()} is out of range for axis {idx_axis} of {name} (size {n_idx})")
         shape = [1] * x.ndim
@@ -95,6 +108,7 @@ def mean_ablate(model, name: NameSpec, mean: torch.Tensor, positions=None) -> Ho
     carries a pos axis must broadcast to that call's shape, else a HookError names the point.
     """
     _check_model(model, "mean_ablate(model, name, mean, positions=None)")
+    positions = _positions(positions)
     model.resolve_names(name)  # an unknown name fails here, with close matches
     mean = torch.as_tensor(mean)
 
@@ -123,6 +137,8 @@ def add_steering_vector(model, name: NameSpec, vector: torch.Tensor, scale: floa
     it (module docstring). A vector whose length differs from the activation's last axis is a HookError.
     """
     _check_model(model, "add_steering_vector(model, name, vector, scale=1.0, positions=None)")
+    positions = _positions(positions)
+    scale = as_number(scale, "scale")
     model.resolve_names(name)
     vector = torch.as_tensor(vector)
     if vector.ndim != 1:
@@ -153,6 +169,8 @@ def patch_from_cache(model, cache: ActivationCache, names, positions=None, index
     (decode steps) are left unchanged and generation continues unpatched after the prefill.
     """
     _check_model(model, "patch_from_cache(model, cache, names, positions=None, index=None)")
+    positions = _positions(positions)
+    index = None if index is None else as_ints(index, "index", scalar=True)
     specs = [names] if isinstance(names, str) else list(names)
     chosen: list[str] = []
     for spec in specs:
@@ -182,24 +200,10 @@ def patch_from_cache(model, cache: ActivationCache, names, positions=None, index
 
 
 # ----------------------------------------------------------------------------- experts
-def _check_layer(model, layer: int) -> None:
-    _check_model(model, "expert interventions take (model, ...)")
-    cfg = model.config
-    if layer not in cfg.moe_layers:
-        raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {cfg.moe_layers}")
-
-
 def _check_experts(model, layer: int, experts: Iterable[int]) -> list[int]:
-    _check_layer(model, layer)
-    n = model.config.moe_num_experts
-    experts = [experts] if isinstance(experts, Integral) else experts
-    if isinstance(experts, str | bytes) or not all(isinstance(e, Integral) and type(e) is not bool for e in experts):
-        raise TypeError(f"experts of layer {layer} must be expert ids (integers), got {experts!r}")
-    out = sorted({int(e) for e in experts})
-    bad = [e for e in out if not 0 <= e < n]
-    if bad:
-        raise ValueError(f"experts {bad} of layer {layer} are out of range [0, {n})")
-    return out
+    _check_model(model, "expert interventions take (model, ...)")
+    layer = moe_layer(model.config, layer)
+    return expert_ids(model.config, experts, layer)
 
 
 def _moe_name(layer: int, point: str) -> str:
@@ -230,9 +234,10 @@ def zero_ablate_experts(model, experts: Mapping[int, Iterable[int]]) -> Hooks:
     token gets less routed output. The idx seen is the one reaching this hook (after earlier hooks
     at that point). Decode: applied at every step, to every new token.
     """
+    _check_model(model, "zero_ablate_experts(model, experts)")
     hooks: Hooks = []
-    for layer, es in experts.items():
-        ablated = torch.tensor(_check_experts(model, layer, es), dtype=torch.long)
+    for layer, es in expert_map(model.config, experts).items():
+        ablated = torch.tensor(es, dtype=torch.long)
         if ablated.numel() == 0:
             continue
         stash = _Stash("hook_topk_idx")
@@ -257,8 +262,8 @@ def reroute_ablate_experts(model, experts: Mapping[int, Iterable[int]]) -> Hooks
     _check_model(model, "reroute_ablate_experts(model, experts)")
     cfg = model.config
     hooks: Hooks = []
-    for layer, es in experts.items():
-        ablated = torch.tensor(_check_experts(model, layer, es), dtype=torch.long)
+    for layer, es in expert_map(cfg, experts).items():
+        ablated = torch.tensor(es, dtype=torch.long)
         if ablated.numel() > cfg.moe_num_experts - cfg.moe_k:
             raise ValueError(
                 f"layer {layer}: cannot reroute around {ablated.numel()} of {cfg.moe_num_experts} experts "
@@ -285,10 +290,12 @@ def mean_ablate_experts(model, means: Mapping[tuple[int, int], torch.Tensor]) ->
     (the slots holding that expert are replaced by its mean, then weighted as usual). Hooking
     ``hook_expert_out`` switches the layer to the explicit expert path. Decode: applied at every step.
     """
+    _check_model(model, "mean_ablate_experts(model, means)")
+    if not isinstance(means, Mapping):
+        raise ArgumentTypeError(f"means must be a mapping {{(layer, expert): mean}}, got {type(means).__name__}")
     by_layer: dict[int, dict[int, torch.Tensor]] = {}
     for key, mean in means.items():
-        layer, expert = key
-        _check_experts(model, layer, [expert])
+        layer, expert = _pairs(model, [key], "means")[0]
         mean = torch.as_tensor(mean)
         if mean.shape != (model.config.hidden_size,):
             d = model.config.hidden_size
@@ -309,10 +316,19 @@ def mean_ablate_experts(model, means: Mapping[tuple[int, int], torch.Tensor]) ->
     return hooks
 
 
-def _pairs(experts) -> list[tuple[int, int]]:
+def _pairs(model, experts, name: str = "experts") -> list[tuple[int, int]]:
+    """``(layer, expert)`` pairs, checked, from ``{layer: [expert, ...]}`` or ``[(layer, expert), ...]``."""
     if isinstance(experts, Mapping):
-        return [(int(layer), int(e)) for layer, es in experts.items() for e in es]
-    return [(int(layer), int(e)) for layer, e in experts]
+        return [(layer, e) for layer, es in expert_map(model.config, experts, name).items() for e in es]
+    if isinstance(experts, str | bytes) or not isinstance(experts, Iterable):
+        raise ArgumentTypeError(f"{name} must be {{layer: [expert, ...]}} or [(layer, expert), ...], got {experts!r}")
+    out = []
+    for pair in experts:
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ArgumentTypeError(f"{name} must hold (layer, expert) pairs, got {pair!r}")
+        layer = moe_layer(model.config, pair[0], f"{name}: layer")
+        out.append((layer, expert_ids(model.config, [pair[1]], layer, name)[0]))
+    return out
 
 
 @torch.no_grad()
@@ -324,10 +340,9 @@ def expert_mean_outputs(model, input_ids, experts, attention_mask=None) -> dict[
     the mean of its output computed on every reference token instead (its selected-token mean is
     undefined). Returns ``{(layer, expert): mean}`` for :func:`mean_ablate_experts`.
     """
-    pairs = _pairs(experts)
+    _check_model(model, "expert_mean_outputs(model, input_ids, experts, attention_mask=None)")
+    pairs = _pairs(model, experts)
     layers = sorted({layer for layer, _ in pairs})
-    for layer in layers:
-        _check_experts(model, layer, [e for lay, e in pairs if lay == layer])
     names = [_moe_name(L, p) for L in layers for p in ("topk_idx", "expert_out")]
     names += [f"blocks.{L}.hook_resid_mid" for L in layers]
     _, cache = model.run_with_cache(input_ids, names_filter=names, attention_mask=attention_mask)
@@ -360,10 +375,10 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
     """
     _check_model(model, "force_routing(model, layer, experts, weights=None)")
     k = model.config.moe_k
-    forced = [int(e) for e in experts]
-    if len(forced) != k:
-        raise ValueError(f"force_routing needs exactly moe_k={k} experts, got {len(forced)}")
-    _check_experts(model, layer, forced)
+    layer = moe_layer(model.config, layer)
+    forced = as_ints(experts, "experts", 0, model.config.moe_num_experts)
+    if len(forced) != k or len(set(forced)) != k:
+        raise ArgumentRangeError(f"force_routing needs exactly moe_k={k} distinct experts, got {forced}")
     forced_t = torch.tensor(forced, dtype=torch.long)
 
     def forced_idx(idx: torch.Tensor, hook: HookPoint) -> torch.Tensor:
@@ -372,6 +387,8 @@ def force_routing(model, layer: int, experts: Sequence[int], weights=None) -> Ho
     hooks: Hooks = [(_moe_name(layer, "topk_idx"), forced_idx)]
     if weights is not None:
         w_t = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if not bool(torch.isfinite(w_t).all()):
+            raise ArgumentRangeError(f"force_routing weights must be finite, got {w_t.tolist()}")
         if w_t.numel() != k:
             raise ValueError(f"force_routing needs moe_k={k} weights, got {w_t.numel()}")
 

@@ -13,6 +13,7 @@ red = positive (restores / increases), blue = negative, white = the neutral valu
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -86,6 +87,13 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | No
     return fig, axes
 
 
+def set_title(ax: Axes, text: str, fontsize: float = 10.0) -> None:
+    """``ax.set_title`` with each line wrapped to the figure's width (titles that name the layer, sets,
+    metric and direction get long; a narrow figure would clip them)."""
+    chars = max(20, int(0.7 * ax.figure.get_figwidth() * 72 / (fontsize * 0.56)))  # axes: ~70% of the figure
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=fontsize)
+
+
 def pivot(df: pd.DataFrame, index: str, columns: str, values: str) -> pd.DataFrame:
     """``df.pivot`` with a clear error when a column is missing or (index, columns) repeats."""
     missing = [c for c in (index, columns, values) if c not in df.columns]
@@ -138,18 +146,32 @@ def _ticks(setter, labels: Sequence, max_ticks: int, rotation: float = 0) -> Non
     setter(positions, [str(labels[i]) for i in positions], rotation=rotation)
 
 
-def line_figure(df: pd.DataFrame, x: str, panels: list[list[str]], titles: list[str]) -> Figure:
+def line_figure(
+    df: pd.DataFrame,
+    x: str,
+    panels: list[list[str]],
+    titles: list[str],
+    *,
+    labels: dict[str, str] | None = None,
+    xlabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
     """Marked lines against ``x`` (layers), one panel per group of columns so that values on different
-    scales (e.g. a variation coefficient and a fraction) each get their own axis."""
+    scales (e.g. a variation coefficient and a fraction) each get their own axis. Each panel's y axis is
+    labelled with its entry of ``titles`` (words); each line with ``labels[column]`` (default: the column
+    name with spaces for underscores); ``xlabel`` defaults to ``x`` in words; ``title`` is the figure's."""
+    labels = labels or {}
     fig, axes = new_figure(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 3.8))
-    for ax, ys, title in zip(np.atleast_1d(axes), panels, titles, strict=True):
+    for ax, ys, panel in zip(np.atleast_1d(axes), panels, titles, strict=True):
         for y in ys:
-            ax.plot(df[x], df[y], "o-", label=y)
+            ax.plot(df[x], df[y], "o-", label=labels.get(y, y.replace("_", " ")))
         ax.set_xticks(df[x].tolist(), [str(v) for v in df[x]])
-        ax.set_xlabel(x)
-        ax.set_ylabel(" / ".join(ys))
-        ax.set_title(title)
+        ax.set_xlabel(xlabel or x.replace("_", " "))
+        ax.set_ylabel(panel)
+        ax.set_title(panel)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
@@ -157,7 +179,9 @@ def diverging_heatmap(df: pd.DataFrame, index: str, columns: str, value: str, ti
     """``index`` x ``columns`` heatmap of ``value`` on a scale centred on 0 (differences, effects)."""
     table = pivot(df, index, columns, value)
     fig, ax = new_figure(figsize=(max(6.0, 0.3 * table.shape[1] + 2), max(2.5, 0.35 * len(table) + 1.5)))
-    heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value)
+    heatmap(ax, table, cmap=SIGNED_CMAP, center=0.0, label=value.replace("_", " "))
+    ax.set_xlabel(columns.replace("_", " "))
+    ax.set_ylabel(index.replace("_", " "))
     ax.set_title(title)
     return fig
 

@@ -12,6 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 
+class RecipeError(ValueError):
+    """A recipe path that is not a Python file, or a recipe file that fails to import."""
+
+
 def recipe_dir() -> Path:
     """The folder of the recipes: ``hooks/`` in a source checkout, ``ernie_lab/_hooks`` when installed."""
     checkout = Path(__file__).resolve().parents[1] / "hooks"
@@ -31,7 +35,8 @@ def load_recipe(name_or_path: str | Path) -> ModuleType:
     never from the current folder) or your own ``.py`` file by path (``"./mine.py"``, a ``Path``).
 
     The module exposes ``make_hooks(model, **params) -> [(hook_name, fn), ...]``. Raises
-    FileNotFoundError (listing the available recipes) or AttributeError when ``make_hooks`` is missing.
+    FileNotFoundError (listing the available recipes), RecipeError for a path that is not a ``.py``
+    file or a file that fails to import, AttributeError when ``make_hooks`` is missing.
     """
     if not isinstance(name_or_path, str | Path):
         raise TypeError(f"a recipe is a bundled recipe's name or a path, got {name_or_path!r}")
@@ -42,11 +47,16 @@ def load_recipe(name_or_path: str | Path) -> ModuleType:
             raise FileNotFoundError(
                 f"no recipe {str(name_or_path)!r} in {recipe_dir()}; available: {', '.join(list_recipes()) or 'none'}"
             )
-    elif not path.is_file():
+    elif not path.exists():
         raise FileNotFoundError(f"recipe file {path} does not exist")
+    elif not path.is_file() or path.suffix != ".py":
+        raise RecipeError(f"recipe {path} is not a Python file: a recipe is a .py file defining make_hooks")
     spec = importlib.util.spec_from_file_location(f"ernie_lab_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the recipe's own code: name the file, keep the cause
+        raise RecipeError(f"recipe {path} failed to import: {type(err).__name__}: {err}") from err
     if not callable(getattr(module, "make_hooks", None)):
         raise AttributeError(f"recipe {path} defines no make_hooks(model, **params)")
     return module

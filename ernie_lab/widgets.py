@@ -1,8 +1,9 @@
-"""Notebook widgets: a routing explorer, a patching viewer, an ablation explorer and a steering explorer.
+"""Notebook widgets: a routing explorer, a patching viewer, an ablation explorer, a steering explorer
+and an attention explorer.
 
 Each widget is a thin ipywidgets shell around plain functions that return HTML strings, DataFrames
 or Figures (``routing_table``, ``routing_html``, ``topk_table``, ``patching_figure``,
-``ablation_summary``, ``steered_continuations``), so the logic is tested without a browser.
+``ablation_summary``, ``steered_continuations``, ``lens.attention_html``), so the logic is tested without a browser.
 ipywidgets is imported only when a widget is built: ``pip install 'ernie-lab[widgets]'``.
 
 Every widget returns an ``ipywidgets.VBox`` with a ``controls`` attribute naming its parts, e.g.
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 
 from ernie_lab import ablation as ab
 from ernie_lab import experts as ex
+from ernie_lab import lens
 from ernie_lab.interventions import expert_mean_outputs, steer_experts
 from ernie_lab.patching.plots import plot_head_grid, plot_patching_heatmap
 from ernie_lab.plots import bar_figure, diverging_heatmap, sequence_tokens
@@ -219,7 +221,8 @@ def ablation_summary(
 ) -> dict[str, pd.DataFrame]:
     """Ablate ``experts`` of MoE ``layer`` together on ``texts``: the loss effect and the routing diff.
 
-    Returns ``{"effect": ablation_effect frame (overall and per group; default one group per text),
+    Returns ``{"effect": ablation_effect frame (overall and per group; default one group per text;
+    with rows ``control=True`` for random experts of the layer),
     "agreement": routing agreement with the un-ablated model per layer, "load": the load of ``layer``'s
     experts without and with the ablation}``. ``base``: the un-ablated Routing, to reuse it.
     """
@@ -343,4 +346,45 @@ def steering_explorer(model, tokenizer, prompt_sets: dict[str, list[str]], promp
         set_a=set_a, set_b=set_b, compare=compare, image=image, n=n, steer=steer, prompt=text, generate=generate,
         output=output,
     )  # fmt: skip
+    return box
+
+
+# --------------------------------------------------------------------------------------- attention
+def attention_explorer(model, tokenizer=None, text: str = DEFAULT_TEXT):
+    """A text box, layer / head / query-position sliders, the text shaded by the attention the query
+    pays each token, and the head's whole pattern (:func:`ernie_lab.lens.plot_attention`).
+
+    ``tokenizer`` defaults to ``model.tokenizer``. ``controls``: text (Textarea), layer, head and
+    position (IntSlider), tokens (HTML), image (Image).
+    """
+    w = _ipywidgets()
+    tokenizer = tokenizer or model.tokenizer
+    cfg = model.config
+    text_box = w.Textarea(value=text, description="text", continuous_update=False, layout=w.Layout(width="95%"))
+    layer = w.IntSlider(value=0, min=0, max=cfg.num_hidden_layers - 1, description="layer")
+    head = w.IntSlider(value=0, min=0, max=cfg.num_attention_heads - 1, description="head")
+    position = w.IntSlider(value=0, min=0, max=0, description="query pos")
+    tokens, image = w.HTML(), w.Image(format="png")
+    state: dict[str, Any] = {}
+
+    def show(_=None) -> None:
+        pattern = lens.attention_pattern(state["cache"], layer.value)[head.value]
+        tokens.value = lens.attention_html(pattern, state["labels"], position.value)
+        fig = lens.plot_attention(state["cache"], layer.value, heads=head.value, tokens=state["labels"])
+        image.value = figure_png(fig)
+
+    def recompute(_=None) -> None:
+        ids = torch.tensor([tokenizer.encode(text_box.value or " ")])
+        _, state["cache"] = model.run_with_cache(ids, names_filter="blocks.*.attn.hook_pattern")
+        state["labels"] = sequence_tokens(tokenizer, ids[0].tolist())
+        position.max = ids.shape[1] - 1
+        position.value = ids.shape[1] - 1
+        show()
+
+    text_box.observe(recompute, names="value")
+    for slider in (layer, head, position):
+        slider.observe(show, names="value")
+    recompute()
+    box = w.VBox([text_box, w.HBox([layer, head, position]), tokens, image])
+    box.controls = SimpleNamespace(text=text_box, layer=layer, head=head, position=position, tokens=tokens, image=image)
     return box

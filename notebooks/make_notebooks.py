@@ -80,6 +80,17 @@ ROUTING = [
     'el.routing.vocab_specialisation(r, tok, min_count=3, top=3).query("layer == @L").head(12)',
     "**Shared vs routed**: output norms of the shared experts and of the routed mixture, and their cosine.",
     "el.routing.shared_vs_routed(r)",
+    "## The Chinese experts (discovered on half of the texts)\nEvery other held-out text of each domain is used "
+    "here to **discover** which experts Chinese tokens prefer; the other half is kept back to **test** them in "
+    "notebook 04, so the test does not reuse the texts that picked the experts. Per MoE layer, the two experts "
+    "with the highest Chinese lift (lift 1 = uniform routing, k/E of the tokens).",
+    'rows = load_prompt_set("domains")\n'
+    "discover = rows[0::2]  # every other text of each domain; rows[1::2] is kept back\n"
+    "r_disc = el.routing.collect_routing(\n"
+    '    model, [x["text"] for x in discover], tok, groups=[x["domain"] for x in discover], progress=False\n)\n'
+    "spec_disc = el.routing.domain_specialisation(r_disc)\n"
+    'chinese = spec_disc.query("group == \'chinese\'").sort_values("lift", ascending=False).groupby("layer").head(2)\n'
+    'chinese.sort_values(["layer", "lift"], ascending=[True, False])[["layer", "expert", "spec", "lift"]]',
     "## Explore\nType a text, move the layer slider: tokens are coloured by their top expert.",
     "el.widgets.routing_explorer(model, tok)",
 ]
@@ -137,6 +148,21 @@ ABLATION = [
     'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=1)\n'
     "dla = el.ablation.direct_logit_attribution(model, batch.clean, batch.answer, batch.distractor)\n"
     "el.ablation.plot_dla(dla)",
+    "## The Chinese experts, tested on held-out texts\nNotebook 02 picked, per layer, the two experts with the "
+    "highest Chinese lift on half of the held-out texts. `el.toy.dissociation` zero-ablates them and measures the "
+    "NLL rise on the *other* half: on Chinese (with a 95% bootstrap interval over texts), on the most affected other "
+    "domain, and for random pairs of the layer's other experts (the control, the noise floor). A layer passes when "
+    "the rise is at least 0.10 nats, 3x the other domains' and 5x the control's.",
+    'dis = el.toy.dissociation(model, tok, domains=["chinese"], controls=3)\n'
+    'dis[["layer", "experts", "lift", "delta", "ci_low", "ci_high", "other", "other_domain", "control", "passes"]]',
+    "el.toy.plot_dissociation(dis)",
+    "One layer in detail: every domain's rise when that layer's Chinese experts are zeroed, beside the control rows "
+    "(random experts, `control=True`).",
+    'best = dis.sort_values("delta").iloc[-1]\nheld_out = pd.DataFrame(load_prompt_set("domains")).iloc[1::2]\n'
+    "effect = el.ablation.ablation_effect(\n"
+    "    model, held_out.text.tolist(), {int(best.layer): best.experts}, groups=held_out.domain.tolist(),\n"
+    "    tokenizer=tok, controls=3, progress=False,\n)\n"
+    "el.ablation.plot_ablation_effect(effect)",
     "## Explore\nChoose experts and a mode, press run.",
     "el.widgets.ablation_explorer(model, tok, texts[:4])",
     "The same analyses as a reproducible report folder (HTML, PNG, CSV, manifest): "
@@ -229,13 +255,81 @@ EXPERTS = [
     'el.routing.plot_router_sources(el.routing.source_summary(names, parts, batch["attention_mask"]))',
     "**Top-k truncation lens**: the MoE output with only its k' highest-weight experts, and the loss.",
     "el.experts.plot_truncation_lens(el.experts.truncation_lens(model, texts, tok, progress=False))",
-    "**Risk difference** between two domains and **steering** towards the first (SteerMoE).",
-    'domains = sorted(docs.domain.unique())\na, b = (docs.query("domain == @d").text.tolist() for d in domains[:2])\n'
-    "rd = el.experts.risk_difference(model, a, b, tok, progress=False)\nel.experts.plot_risk_difference(rd)",
-    "on, off = el.experts.steering_sets(rd, n=1)\n"
-    "el.widgets.steered_continuations(model, tok, b[0][:40], on, off, max_new_tokens=8)",
+    "**Risk difference** (SteerMoE) between Chinese and English held-out texts: per expert, how much more often "
+    "Chinese tokens select it. The experts are picked on one half of each set; `rd_heldout` re-measures them on the "
+    "other half, with its interval and a random-expert control row per layer.",
+    'rows = pd.DataFrame(load_prompt_set("domains"))\n'
+    'zh, en = (rows.query("domain == @d").text.tolist()[:24] for d in ("chinese", "english"))\n'
+    "rd = el.experts.risk_difference(model, zh, en, tok, progress=False)\nel.experts.plot_risk_difference(rd)",
+    "**Steering you can dose**: the experts Chinese uses most (`on` of `steering_sets`) are pushed *out* of the "
+    "selection on held-out Chinese text, by `strength` subtracted from their selection scores (0 = no change, "
+    "`math.inf` = never selected). Their selection rate falls and the Chinese loss rises with the dose; the "
+    "control rows steer random experts instead.",
+    "import math\n\nzh_experts, _ = el.experts.steering_sets(rd, n=2)\n"
+    "dose = el.experts.steering_dose(\n"
+    "    model, zh[1::2], on={}, off=zh_experts, strengths=[0, 0.05, 0.2, math.inf], tokenizer=tok, progress=False\n)\n"
+    'dose[["strength", "off_rate", "delta_loss", "ci_low", "ci_high", "control"]]',
+    "The same steering on a generation: a Chinese text's continuation with and without its Chinese experts.",
+    "el.widgets.steered_continuations(model, tok, zh[1][:24], {}, zh_experts, max_new_tokens=16)",
     "## Explore\nPick two prompt sets, compare, then generate with and without steering.",
     'el.widgets.steering_explorer(model, tok, {d: g.text.tolist() for d, g in docs.groupby("domain")})',
+]
+
+FROM_TL = [
+    "# 07 · Coming from TransformerLens\n\nThe same short study twice: first in TransformerLens' vocabulary "
+    "(`run_with_cache`, `accumulated_resid`, `decompose_resid`, `logit_attrs`, `W_U`), which ernie_lab speaks, then "
+    "with ernie_lab's own functions, which return tidy DataFrames and figures. The question: where in the toy model "
+    "does the answer to *The capital of Veloria is* appear, and which components write it?",
+    'import pandas as pd\nimport torch\n\nimport ernie_lab as el\n\nmodel = el.load_model("toy")  # model.tokenizer '
+    'comes with it\nprompt = "The capital of Veloria is"\ntokens = model.to_tokens(prompt)  # [batch pos]; ERNIE '
+    'adds no BOS\nanswer, distractor = model.to_single_token(" Mirren"), model.to_single_token(" Ostra")\n'
+    "model.to_str_tokens(prompt)",
+    "## In TransformerLens' words\nThe logit lens by hand: the residual stream at the input of every layer, through "
+    "the final norm (`apply_ln=True`), unembedded with `W_U` `[d_model vocab]`; the rank of the answer at the last "
+    "position, per layer.",
+    "logits, cache = model.run_with_cache(tokens)\n"
+    "accum, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # [component batch pos d_model]\n"
+    "layer_logits = accum[:, 0, -1] @ model.W_U\n"
+    "rank = (layer_logits > layer_logits[:, [answer]]).sum(-1) + 1\n"
+    "pd.Series(rank.tolist(), index=labels, name=\"rank of ' Mirren'\")",
+    "Direct logit attribution: `decompose_resid` splits the final residual into the embedding, each attention "
+    "output and each MLP output, a MoE layer's into its shared and routed experts; `logit_attrs` applies the "
+    "final norm with the cached scale and dots each row with `W_U[:, answer] - W_U[:, distractor]`. The rows add up "
+    "to the model's logit difference.",
+    "stack, labels = cache.decompose_resid(pos_slice=-1, return_labels=True)  # [component batch d_model]\n"
+    "attrs = cache.logit_attrs(stack, answer, incorrect_tokens=distractor, pos_slice=-1)[:, 0]\n"
+    "diff = logits[0, -1, answer] - logits[0, -1, distractor]\n"
+    'print(f"sum of rows {attrs.sum():.4f}, logit difference {diff:.4f}")\n'
+    "pd.Series(attrs.tolist(), index=labels).round(3)",
+    "Attention patterns are cached under the README's hook names (`blocks.{L}.attn.hook_pattern`, "
+    '`[batch head pos kv_pos]`; TransformerLens\' `cache["pattern", L]` shorthand is not supported).',
+    'cache["blocks.1.attn.hook_pattern"][0, :, -1].round(decimals=2)  # where the last token looks, per head',
+    "## In ernie_lab's words\n`el.lens.logit_lens` gives the same ranks (and probabilities) for every layer and "
+    "position as a DataFrame; `plot_logit_lens` draws them, each cell naming that layer's top prediction.",
+    'lens = el.lens.logit_lens(model, tokens, target=" Mirren")\n'
+    'last = lens[lens.pos == lens.pos.max()].set_index("label")\n'
+    'assert last["rank"].tolist() == rank.tolist()  # the same numbers as by hand\n'
+    'last[["rank", "prob", "top"]]',
+    "el.lens.plot_logit_lens(lens)",
+    "The function `direct_logit_attribution` does the decomposition in one call, down to single experts "
+    "(`expert` rows) and, with `heads=True`, single attention heads (`head` rows, which split each `attn` row).",
+    "dla = el.ablation.direct_logit_attribution(model, tokens, answer, distractor, heads=True)\n"
+    'dla.query("component == \'head\'").sort_values("contribution").tail(4)',
+    "el.ablation.plot_dla(dla, top=12)",
+    "Every head of one layer, labelled with the tokens.",
+    "el.lens.plot_attention(cache, layer=1, tokens=tokens)",
+    "## Explore\nPick a layer, a head and a query position; edit the text to rerun.",
+    "el.widgets.attention_explorer(model)",
+    "## What is different\nGradients at the hook points (`incl_bwd=True`, stored as `<name>_grad`), and caches on "
+    "disk (safetensors plus a JSON sidecar), which TransformerLens does not save.",
+    "_, grads = model.run_with_cache(\n"
+    '    tokens, names_filter="blocks.*.hook_resid_pre", incl_bwd=True,\n'
+    "    metric=lambda logits: logits[0, -1, answer] - logits[0, -1, distractor],\n)\n"
+    'grads["blocks.2.hook_resid_pre_grad"].norm(dim=-1)  # per position: where the logit difference is sensitive',
+    "import tempfile\nfrom pathlib import Path\n\n"
+    'path = Path(tempfile.mkdtemp()) / "veloria.safetensors"\ncache.save(path)\n'
+    "again = el.ActivationCache.load(path, model=model)\n"
+    "all(torch.equal(again[name], cache[name]) for name in cache), sorted(p.name for p in path.parent.iterdir())",
 ]
 
 NOTEBOOKS = {
@@ -245,6 +339,7 @@ NOTEBOOKS = {
     "04_expert_ablation.ipynb": ABLATION,
     "05_real_21b_gpu.ipynb": REAL_21B,
     "06_expert_analyses.ipynb": EXPERTS,
+    "07_from_transformerlens.ipynb": FROM_TL,
 }
 
 

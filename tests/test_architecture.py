@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ernie_lab"
 # rank of each wing or top-level module: a module may import from its own wing or a lower rank only
 RANK = {
     "plots": 0,
+    "noise": 0,  # bootstrap intervals, discover/evaluate splits, random controls (numpy only)
     "model": 1,
     "io": 2,
     "steering": 2,
@@ -24,6 +25,7 @@ RANK = {
     "routing": 4,
     "patching": 5,
     "ablation": 5,
+    "lens": 5,
     "experts": 6,
     "toy": 7,
     "report": 8,

@@ -21,6 +21,7 @@ EXPECTED = (
     "04_expert_ablation.ipynb",
     "05_real_21b_gpu.ipynb",
     "06_expert_analyses.ipynb",
+    "07_from_transformerlens.ipynb",
 )
 CELL_TIMEOUT_S = 300
 FIGURE_CALL = re.compile(r"\bplot_\w+\(")

@@ -1,9 +1,11 @@
-"""A notebook in JupyterLab, driven by a real browser: the routing explorer of notebook 02 renders as
-a widget and reacts to a changed input (what a reader does, which nbclient cannot show).
+"""A notebook in JupyterLab, driven by a real browser: the routing explorer of notebook 02 and the
+attention explorer of notebook 07 render as widgets and react to a changed input (what a reader does,
+which nbclient cannot show).
 
 Needs Debian's ``chromium``, ``playwright`` and ``jupyterlab`` (``[dev]``; ``.ci/run`` installs
 chromium). Outside CI it skips when one is missing; under CI (``CI=true``) it fails. About 30-40 s:
-JupyterLab starts, the kernel loads the toy model, the widget renders, then the text is changed.
+JupyterLab starts, the kernel loads the toy model, the widget renders, then the text is changed (per
+notebook).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_routing_statistics.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 TIMEOUT_MS = 120_000
 
 
@@ -34,11 +36,11 @@ def _tools() -> str | None:
     return browser if browser and have else None
 
 
-def _explorer_notebook(folder: Path) -> Path:
-    """Notebook 02's setup cell and its routing-explorer cell, as a notebook in ``folder``."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def _explorer_notebook(folder: Path, source: str, call: str) -> Path:
+    """The setup cell of notebook ``source`` and its cell calling ``call``, as a notebook in ``folder``."""
+    nb = nbformat.read(NOTEBOOKS / source, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    nb.cells = [code[0], next(c for c in code if "routing_explorer(" in c.source)]
+    nb.cells = [code[0], next(c for c in code if call in c.source)]
     path = folder / "explorer.ipynb"
     nbformat.write(nb, path)
     return path
@@ -63,7 +65,15 @@ def _wait_for_server(url: str, server: subprocess.Popen) -> None:
     raise TimeoutError(f"jupyter lab did not answer at {url}")
 
 
-def test_routing_explorer_renders_and_reacts_in_jupyterlab(tmp_path):
+CASES = {
+    "routing": ("02_routing_statistics.ipynb", "routing_explorer(", ".widget-html-content"),
+    "attention": ("07_from_transformerlens.ipynb", "attention_explorer(", ".widget-html-content"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_explorer_renders_and_reacts_in_jupyterlab(tmp_path, case):
+    source, call, output = CASES[case]
     browser_path = _tools()
     if browser_path is None:
         if os.environ.get("CI") == "true":
@@ -71,7 +81,7 @@ def test_routing_explorer_renders_and_reacts_in_jupyterlab(tmp_path):
         pytest.skip("needs the chromium package, playwright and jupyterlab (pip install -e '.[dev]')")
     from playwright.sync_api import sync_playwright
 
-    notebook = _explorer_notebook(tmp_path)
+    notebook = _explorer_notebook(tmp_path, source, call)
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1"]
@@ -90,12 +100,14 @@ def test_routing_explorer_renders_and_reacts_in_jupyterlab(tmp_path):
                 page.get_by_role("menuitem", name="Run", exact=True).click()
                 page.get_by_text("Run All Cells", exact=True).click()
                 text_box = page.wait_for_selector(".jp-OutputArea .widget-textarea textarea")
-                tokens = page.locator(".jp-OutputArea .widget-html-content").first
-                assert "Mirren" in tokens.inner_html()  # the default text, tokens coloured by expert
+                tokens = page.locator(f".jp-OutputArea {output}").first
+                assert "Mirren" in tokens.inner_html()  # the default text, tokens coloured
+                if case == "attention":  # the head's pattern is drawn as an image too
+                    assert page.locator(".jp-OutputArea .widget-image").count() == 1
                 text_box.fill("The capital of Pellune")
                 text_box.press("Tab")  # continuous_update=False: the value is sent when the box loses focus
                 page.wait_for_function(
-                    "() => [...document.querySelectorAll('.jp-OutputArea .widget-html-content')]"
+                    f"() => [...document.querySelectorAll('.jp-OutputArea {output}')]"
                     ".some(e => e.innerHTML.includes('Pellune'))"
                 )
                 assert "Mirren" not in tokens.inner_html()

@@ -137,7 +137,7 @@ def _grid(hooks=("resid_pre", "mlp_out")) -> pd.DataFrame:
 def test_patching_figure_picks_the_grid_shape():
     grid = _grid()
     fig = W.patching_figure(grid, "effect", hook="mlp_out")
-    assert isinstance(fig, Figure) and "mlp_out" in fig.axes[0].get_title()
+    assert isinstance(fig, Figure) and "MLP / MoE output" in fig.axes[0].get_title()  # the hook in words
     heads = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "effect": [0.1, 0.2, 0.3, 0.4]})
     assert "head" in W.patching_figure(heads).axes[0].get_xlabel()
     experts = pd.DataFrame({"layer": [1, 1, 2, 2], "expert": [0, 1, 0, 1], "effect": [0.1, -0.2, 0.3, 0.0]})
@@ -169,7 +169,9 @@ def test_ablation_summary_properties(model, tok, texts):
     cfg = model.config
     L = cfg.moe_layers[1]
     out = W.ablation_summary(model, tok, texts, L, [0, 1], mode="reroute")
-    assert out["effect"]["group"].tolist() == ["all", "text 0", "text 1", "text 2"]
+    effect = out["effect"]
+    assert effect[~effect["control"]]["group"].tolist() == ["all", "text 0", "text 1", "text 2"]
+    assert effect[effect["control"]]["group"].tolist() == ["all", "text 0", "text 1", "text 2"]  # random experts
     agreement = out["agreement"].set_index("layer")
     assert (agreement.loc[[x for x in cfg.moe_layers if x < L], "identical"] == 1.0).all()  # upstream untouched
     load = out["load"].set_index("expert")
@@ -195,3 +197,20 @@ def test_ablation_explorer_callbacks(model, tok, texts):
     c.experts.value = tuple(range(model.config.moe_num_experts))  # too many to reroute around
     c.run.click()
     assert "error" in c.effect.value
+
+
+# --------------------------------------------------------------------------------------- attention
+def test_attention_explorer_callbacks(model, tok):
+    w = W.attention_explorer(model, tok, text=TEXT)
+    c = w.controls
+    n = len(tok.encode(TEXT))
+    assert c.position.max == c.position.value == n - 1
+    assert c.layer.max == model.config.num_hidden_layers - 1 and c.head.max == model.config.num_attention_heads - 1
+    before_tokens, before_image = c.tokens.value, c.image.value
+    assert "Mirren" in before_tokens and before_image[:4] == b"\x89PNG"
+    c.head.value = 1
+    assert c.image.value != before_image
+    c.position.value = 0  # the first query attends only to itself
+    assert 'title="pos 0: 1.000"' in c.tokens.value
+    c.text.value = "The capital of Pellune"
+    assert "Pellune" in c.tokens.value and c.position.max == len(tok.encode("The capital of Pellune")) - 1

@@ -1,4 +1,4 @@
-"""Direct logit attribution of experts, attention layers and shared experts (README, Definitions: "Expert
+"""Direct logit attribution of experts, attention layers (and heads) and shared experts (README, Definitions: "Expert
 ablation": ``w_{t,e} * expert_out_{t,e} / rms_scale_t · (W_U[:, a] - W_U[:, b])``).
 
 Re-exported by ``ernie_lab.ablation``. Axes: batch pos d_model topk (glossary in model/ernie.py).
@@ -10,16 +10,22 @@ from collections.abc import Sequence
 
 import pandas as pd
 import torch
+from einops import einsum
 
-COLUMNS = ["batch", "component", "layer", "slot", "expert", "weight", "contribution", "label"]
+from ernie_lab.model.checks import ArgumentRangeError, as_int, token_ids
+
+COLUMNS = ["batch", "component", "layer", "head", "slot", "expert", "weight", "contribution", "label"]
 
 
-def _component_names(cfg) -> list[str]:
-    """Hook points whose values sum to the final residual (plus routing and the residual itself)."""
+def _component_names(cfg, heads: bool) -> list[str]:
+    """Hook points whose values sum to the final residual (plus routing, ``hook_z`` for the heads and
+    the residual itself)."""
     last = cfg.num_hidden_layers - 1
     names = ["hook_embed", f"blocks.{last}.hook_resid_post"]
     for L in range(cfg.num_hidden_layers):
         names.append(f"blocks.{L}.hook_attn_out")
+        if heads:
+            names.append(f"blocks.{L}.attn.hook_z")
         if not cfg.is_moe_layer(L):
             names.append(f"blocks.{L}.hook_mlp_out")
             continue
@@ -36,6 +42,7 @@ def direct_logit_attribution(
     distractor: int | Sequence[int],
     position: int = -1,
     attention_mask: torch.Tensor | None = None,
+    heads: bool = False,
 ) -> pd.DataFrame:
     """Direct contribution of every component to ``logit[answer] - logit[distractor]`` at ``position``.
 
@@ -48,22 +55,33 @@ def direct_logit_attribution(
 
     ``input_ids`` ``[pos]`` or ``[batch pos]``; ``answer``/``distractor`` one id or one per row;
     ``position`` indexes the pos axis (-1 = last column, the last real token under left padding).
-    Columns: batch, component (embed | attn | mlp | shared | expert | bias), layer, slot, expert,
-    weight (w_{t,e}), contribution, label. ``df.attrs["logit_diff"]`` holds the model's logit
+    Columns: batch, component (embed | attn | head | mlp | shared | expert | bias), layer, head, slot,
+    expert, weight (w_{t,e}), contribution, label.
+
+    ``heads=True`` adds one ``head`` row per attention head, ``z_{t,h} W_O[h] · direction``
+    (``hook_z`` through that head's slice of ``o_proj``): a layer's head rows sum to its ``attn``
+    row (minus the ``o_proj`` bias term when the model has one). They refine the attn rows, so the
+    partition above is the rows with ``component != "head"``. ``df.attrs["logit_diff"]`` holds the model's logit
     difference per batch row. Only the activations at ``position`` are kept.
     """
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     n_batch, cfg = input_ids.shape[0], model.config
-    answer_t = torch.as_tensor(answer, dtype=torch.long).expand(n_batch)
-    distractor_t = torch.as_tensor(distractor, dtype=torch.long).expand(n_batch)
+    ids = {}
+    for name, value in (("answer", answer), ("distractor", distractor)):
+        got = token_ids(value, name, cfg.vocab_size)
+        if len(got) not in (1, n_batch):
+            raise ArgumentRangeError(f"{name} must be one token id or one per batch row ({n_batch}), got {len(got)}")
+        ids[name] = torch.tensor(got, dtype=torch.long).expand(n_batch)
+    answer_t, distractor_t = ids["answer"], ids["distractor"]
+    position = as_int(position, "position", -input_ids.shape[1], input_ids.shape[1])
     store: dict[str, torch.Tensor] = {}
 
     def keep(x: torch.Tensor, hook) -> None:  # the value at ``position``, fp64 on the CPU
         store[hook.name] = x[:, position].detach().double().cpu()
 
-    with torch.no_grad(), model.hooks([(n, keep) for n in _component_names(cfg)]):
+    with torch.no_grad(), model.hooks([(n, keep) for n in _component_names(cfg, heads)]):
         final = model(input_ids, attention_mask=attention_mask)[:, position].double().cpu()
 
     # frozen final-norm scale and the unembedding direction per row: g * (W_U[a] - W_U[b]) / rms_t
@@ -87,6 +105,11 @@ def direct_logit_attribution(
     add("embed", None, dot("hook_embed"), "embed")
     for L in range(cfg.num_hidden_layers):
         add("attn", L, dot(f"blocks.{L}.hook_attn_out"), f"L{L} attn")
+        if heads:  # z_h W_O[h] · direction, W_O [head d_head d_model]
+            w_o = model.blocks[L].self_attn.W_O.detach().double().cpu()
+            per_head = einsum(store[f"blocks.{L}.attn.hook_z"], w_o, direction, "b h d, h d m, b m -> b h")
+            head = torch.arange(per_head.shape[1]).expand_as(per_head)
+            add("head", L, per_head, [f"L{L} H{h}" for h in head.flatten().tolist()], head=head)
         if not cfg.is_moe_layer(L):
             add("mlp", L, dot(f"blocks.{L}.hook_mlp_out"), f"L{L} mlp")
             continue
@@ -101,8 +124,9 @@ def direct_logit_attribution(
     if model.lm_head.bias is not None:
         bias = model.lm_head.bias.detach().double().cpu()
         add("bias", None, bias[answer_t] - bias[distractor_t], "lm_head bias")
-    frame = pd.concat(parts, ignore_index=True).astype({"layer": "Int64", "slot": "Int64", "expert": "Int64"})
-    frame = frame.reindex(columns=COLUMNS).sort_values("batch", kind="stable", ignore_index=True)
+    frame = pd.concat(parts, ignore_index=True).reindex(columns=COLUMNS)
+    frame = frame.astype({"layer": "Int64", "head": "Int64", "slot": "Int64", "expert": "Int64"})
+    frame = frame.sort_values("batch", kind="stable", ignore_index=True)
     diff = final.gather(-1, answer_t[:, None]) - final.gather(-1, distractor_t[:, None])
     frame.attrs["logit_diff"] = diff[:, 0].tolist()
     return frame

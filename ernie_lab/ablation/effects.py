@@ -1,14 +1,19 @@
-"""Expert ablation and direct logit attribution (README, Definitions: "Expert ablation").
+"""Expert ablation effects on a dataset (README, Definitions: "Expert ablation"), each with its noise floor.
 
 The ablations themselves are hooks from ``ernie_lab.interventions`` (zero / reroute / mean); this
-module measures what they do to the loss on a dataset: ``Δloss = mean NLL(ablated) - mean NLL(base)``
-over predicted tokens and ``KL(p_base || p_ablated)`` per position, overall and per token group; the
-importance of each expert alone; pruning curves; and the direct logit attribution of every expert
-slot, attention layer and shared expert.
+module measures what they do to the loss: ``Δloss = mean NLL(ablated) - mean NLL(base)`` over predicted
+tokens and ``KL(p_base || p_ablated)`` per position, overall and per token group; the importance of each
+expert alone; pruning curves. Every effect comes with (README, "Noise floors"):
+
+- ``ci_low`` / ``ci_high`` / ``n_seq``: a percentile bootstrap interval over sequences (``level``,
+  ``n_boot`` resamples, ``seed``) computed from stored per-sequence sums (:mod:`ernie_lab.noise`);
+- rows with ``control=True``: the same intervention on random experts of the same layers and count,
+  drawn from those not picked, ``controls`` draws averaged (0: none);
+- where experts are ranked from data (importance, pruning order), a ``split`` (default ``"halves"``):
+  rank on one half of the sequences, measure on the other.
 
 Datasets are anything ``ernie_lab.io.datasets.as_sequences`` accepts (token-id lists or tensors, a 2-D
-tensor, tokenizer batches; texts with ``tokenizer=``). Predicted tokens are the pairs (t, t+1) with
-both tokens real: padding is never a context nor a target.
+tensor, tokenizer batches; texts with ``tokenizer=``).
 """
 
 from __future__ import annotations
@@ -16,191 +21,79 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
-from ernie_lab.distributed.data import data_split
-from ernie_lab.interventions import (
-    expert_mean_outputs,
-    mean_ablate_experts,
-    reroute_ablate_experts,
-    zero_ablate_experts,
+from ernie_lab.ablation.core import MODES, PerSequence, ablation_hooks, mean_outputs, run_per_sequence, token_nll
+from ernie_lab.io.datasets import as_sequences, check_batch_size
+from ernie_lab.model.checks import expert_map, moe_layers
+from ernie_lab.noise import (
+    DEFAULT_DRAWS,
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    check_interval,
+    control_draws,
+    percentile_interval,
+    resample_weights,
+    resampled_means,
+    split_sequences,
 )
-from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
-from ernie_lab.routing import collect_routing, expert_load
 
-__all__ = [
-    "token_nll",
-    "ablation_hooks",
-    "ablation_effect",
-    "expert_importance",
-    "pruning_curve",
-]
-
-MODES = ("zero", "reroute", "mean")
+__all__ = ["token_nll", "ablation_hooks", "ablation_effect", "expert_importance", "summarise"]
 
 
-# --------------------------------------------------------------------------- per-token loss
-def _log_probs(model, input_ids, attention_mask, fwd_hooks) -> torch.Tensor:
-    """fp32 log-softmax of the logits ``[batch pos vocab]`` (no autograd)."""
-    with torch.no_grad(), model.hooks(list(fwd_hooks)):
-        return model(input_ids, attention_mask=attention_mask).float().log_softmax(-1)
+def summarise(
+    per: PerSequence,
+    rows: Sequence[int],
+    ablated: np.ndarray,
+    kl: np.ndarray,
+    *,
+    level: float,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Token-weighted means over the sequences ``rows`` for each ablation: ``ablated`` / ``kl``
+    ``[ablation seq]`` per-sequence sums (rows of ``per.ablated``, or averages of several). Returns
+    n_tokens, n_seq, nll_base, nll_ablated, delta_loss, ci_low, ci_high (bootstrap over the sequences,
+    one set of resamples for every ablation) and kl."""
+    rows = np.asarray(rows, dtype=np.int64)
+    count, base = per.count.numpy()[rows], per.base.numpy()[rows]
+    ablated, kl = np.asarray(ablated)[:, rows], np.asarray(kl)[:, rows]
+    n = count.sum()
+    delta = (ablated - base).T  # [seq ablation]: per-sequence Δloss sums
+    weights = resample_weights(len(rows), n_boot, seed)
+    low, high = percentile_interval(resampled_means(delta, count, weights=weights), level)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "n_tokens": int(n),
+            "n_seq": len(rows),
+            "nll_base": base.sum() / n,
+            "nll_ablated": ablated.sum(1) / n,
+            "delta_loss": delta.sum(0) / n,
+            "ci_low": low,
+            "ci_high": high,
+            "kl": kl.sum(1) / n,
+        }
 
 
-def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, fwd_hooks=()) -> torch.Tensor:
-    """Next-token NLL ``[batch pos-1]``: entry t is ``-log p(x_{t+1} | x_{<=t})``.
-
-    NaN where token t or t+1 is padding (``attention_mask`` 0). ``fwd_hooks`` are active for the run.
-    """
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-    logp = _log_probs(model, input_ids, attention_mask, fwd_hooks)[:, :-1]
-    targets = input_ids[:, 1:].to(logp.device)
-    nll = -logp.gather(-1, targets[..., None])[..., 0]
-    if attention_mask is not None:
-        real = attention_mask.to(nll.device).bool()
-        nll = nll.masked_fill(~(real[:, :-1] & real[:, 1:]), float("nan"))
-    return nll
+def _label(experts: Mapping[int, Iterable[int]]) -> str:
+    return "; ".join(f"L{L}: {sorted(int(e) for e in es)}" for L, es in sorted(experts.items()))
 
 
-# --------------------------------------------------------------------------- ablation hooks
-def ablation_hooks(model, experts: Mapping[int, Iterable[int]], mode: str = "zero", means=None) -> list:
-    """Hooks ablating ``experts`` ({layer: [expert, ...]}) with ``mode`` zero | reroute | mean.
-
-    ``means`` ({(layer, expert): Tensor [d_model]}, from ``interventions.expert_mean_outputs``) is
-    required for mean ablation.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    experts = {int(L): sorted({int(e) for e in es}) for L, es in experts.items()}
-    experts = {L: es for L, es in experts.items() if es}
-    if not experts:
-        return []
-    if mode == "zero":
-        return zero_ablate_experts(model, experts)
-    if mode == "reroute":
-        return reroute_ablate_experts(model, experts)
-    if means is None:
-        raise ValueError("mode='mean' needs the experts' mean outputs (means=...)")
-    missing = [(L, e) for L, es in experts.items() for e in es if (L, e) not in means]
-    if missing:
-        raise KeyError(f"means has no entry for (layer, expert) {missing}")
-    return mean_ablate_experts(model, {(L, e): means[(L, e)] for L, es in experts.items() for e in es})
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def _check_layers(cfg, layers: Iterable[int]) -> list[int]:
+    return moe_layers(cfg, list(layers))
 
 
-def _mean_outputs(model, reference: Any, experts: Mapping[int, Iterable[int]], tokenizer: Any, batch_size: int) -> dict:
-    """Mean output ``[d_model]`` of each expert where it is selected on the reference set.
-
-    Runs ``interventions.expert_mean_outputs`` batch by batch and combines the batch means weighted by
-    the expert's selections in each batch (counted by a ``hook_topk_idx`` hook on the same run). An
-    expert never selected anywhere gets that function's fallback, its output averaged over all tokens.
-    """
-    experts = {int(L): list(es) for L, es in experts.items() if len(list(es))}
-    if not experts:
-        return {}
-    sequences = as_sequences(reference, tokenizer)
-    layers = sorted(experts)
-    counts = torch.zeros(len(layers), model.config.moe_num_experts, dtype=torch.float64)
-    real: dict[str, torch.Tensor] = {}
-
-    def count(idx: torch.Tensor, hook) -> None:  # selections per expert on real tokens of this batch
-        flat = idx[real["mask"].to(idx.device)].flatten().cpu()
-        counts[layers.index(hook.layer)] += torch.bincount(flat, minlength=counts.shape[1])
-
-    hooks = [(f"blocks.{L}.moe.hook_topk_idx", count) for L in layers]
-    selected: dict[tuple[int, int], list] = {}  # (sum of n * mean, n) over batches where selected
-    fallback: dict[tuple[int, int], list] = {}  # the same with n = real tokens, where not selected
-    for ids, mask, _ in iter_batches(sequences, batch_size, model.config.pad_token_id or 0):
-        counts.zero_()
-        real["mask"] = mask.bool()
-        with model.hooks(hooks):
-            means = expert_mean_outputs(model, ids, experts, attention_mask=mask)
-        for (L, e), mean in means.items():
-            n = float(counts[layers.index(L), e])
-            target, weight = (selected, n) if n > 0 else (fallback, float(mask.sum()))
-            total = target.setdefault((L, e), [0.0, 0.0])
-            total[0], total[1] = total[0] + weight * mean.double(), total[1] + weight
-    out = {}
-    for key in sorted(selected.keys() | fallback.keys()):
-        total, n = selected.get(key) or fallback[key]
-        out[key] = (total / n).float()
-    return out
-
-
-# --------------------------------------------------------------------------- dataset loop
-def _predicted_log_probs(model, ids, mask, valid, hooks) -> torch.Tensor:
-    """Log-probs ``[n vocab]`` at the predicted positions ``valid [batch pos-1]``, on the model's device."""
-    logp = _log_probs(model, ids, mask, hooks)[:, :-1]
-    return logp[valid.to(logp.device)]
-
-
-def _run_ablations(
-    model,
-    sequences: Sequence[torch.Tensor],
-    seq_group: torch.Tensor,
-    n_group: int,
-    hook_sets: Sequence[list],
-    batch_size: int,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """Sums over predicted tokens, per group: ``count [group]``, ``base [group]`` (NLL),
-    ``ablated [ablation group]`` (NLL) and ``kl [ablation group]``. One base run per batch is shared by
-    every ablation; an empty hook list reuses it (so n = 0 ablated experts gives exactly the base).
-    Under a process group with a whole model per process, each process takes a block of the
-    sequences and the sums are added over processes (:func:`ernie_lab.distributed.data_split`)."""
-    split = data_split(model)
-    if split:
-        part = split.part(len(sequences))
-        sequences, seq_group = sequences[part], seq_group[part]
-    sums = {
-        "count": torch.zeros(n_group, dtype=torch.float64),
-        "base": torch.zeros(n_group, dtype=torch.float64),
-        "ablated": torch.zeros(len(hook_sets), n_group, dtype=torch.float64),
-        "kl": torch.zeros(len(hook_sets), n_group, dtype=torch.float64),
-    }
-
-    def add(key: str, values: torch.Tensor, group: torch.Tensor, a: int | None = None) -> None:
-        totals = torch.bincount(group, weights=values.double().cpu(), minlength=n_group)
-        if a is None:
-            sums[key] += totals
-        else:
-            sums[key][a] += totals
-
-    check_batch_size(batch_size)
-    n_batches = -(-len(sequences) // batch_size)
-    batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
-    for ids, mask, rows in tqdm(batches, total=n_batches, disable=not progress, desc="ablation"):
-        real = mask.bool()
-        valid = real[:, :-1] & real[:, 1:]  # predicted positions: context and target both real
-        group = seq_group[list(rows)][:, None].expand_as(valid)[valid]
-        base = _predicted_log_probs(model, ids, mask, valid, ())
-        targets = ids[:, 1:][valid].to(base.device)[:, None]
-        sums["count"] += torch.bincount(group, minlength=n_group)
-        add("base", -base.gather(-1, targets)[:, 0], group)
-        p_base = base.exp()
-        for a, hooks in enumerate(hook_sets):
-            logp = _predicted_log_probs(model, ids, mask, valid, hooks) if hooks else base
-            add("ablated", -logp.gather(-1, targets)[:, 0], group, a)
-            add("kl", (p_base * (base - logp)).sum(-1), group, a)  # KL(p_base || p_ablated) per position
-    if split:
-        sums = split.sum(sums)
-    if sums["count"].sum() == 0:
-        raise ValueError("the dataset has no predicted token (every sequence needs >= 2 real tokens)")
-    return sums
-
-
-def _groups(sequences, groups) -> tuple[torch.Tensor, list[Any]]:
-    """Group code per sequence and the group names (one group "all" when ``groups`` is None)."""
+def _group_rows(n_seq: int, groups) -> list[tuple[str, np.ndarray]]:
+    """("all", every sequence) and one (label, sequences) per group label, sorted."""
+    out = [("all", np.arange(n_seq))]
     if groups is None:
-        return torch.zeros(len(sequences), dtype=torch.long), []
+        return out
     groups = list(groups)
-    if len(groups) != len(sequences):
-        raise ValueError(f"groups has {len(groups)} labels but the dataset has {len(sequences)} sequences")
+    if len(groups) != n_seq:
+        raise ValueError(f"groups has {len(groups)} labels but the dataset has {n_seq} sequences")
     codes, names = pd.factorize(pd.Series(groups, dtype=object), sort=True)
-    return torch.as_tensor(codes, dtype=torch.long), list(names)
+    return out + [(name, np.flatnonzero(codes == i)) for i, name in enumerate(names)]
 
 
 def ablation_effect(
@@ -213,42 +106,52 @@ def ablation_effect(
     batch_size: int = 8,
     *,
     tokenizer: Any = None,
+    controls: int = DEFAULT_DRAWS,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Effect of ablating ``experts`` ({layer: [expert, ...]}) together on a dataset.
+    """Effect of ablating ``experts`` ({layer: [expert, ...]}) together on a dataset, with its noise floor.
 
     ``mode``: zero | reroute | mean (mean outputs over ``reference_ids``, default the dataset itself).
     ``groups``: one label per sequence; the result has a row ``group="all"`` and one per label.
-    Columns: group, n_tokens, nll_base, nll_ablated, delta_loss (= nll_ablated - nll_base, mean NLL
-    per predicted token), kl (mean KL(p_base || p_ablated) over the same positions), mode, experts.
+    ``controls``: random draws of the same number of experts per layer from those not ablated (seeded by
+    ``seed``); their effects, averaged per sequence over the draws, are the rows with ``control=True``.
+    Columns: group, n_tokens, n_seq, nll_base, nll_ablated, delta_loss (= nll_ablated - nll_base, mean NLL
+    per predicted token), ci_low, ci_high (``level`` bootstrap interval of delta_loss over sequences,
+    ``n_boot`` resamples), kl (mean KL(p_base || p_ablated)), mode, experts, control.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_interval(level, n_boot)
+    cfg = model.config
+    experts = expert_map(cfg, experts)
+    check_batch_size(batch_size)
+    picked = {L: es for L, es in experts.items() if es}
+    per_layer = {L: control_draws(cfg.moe_num_experts, es, controls, seed + L) for L, es in picked.items()}
+    drawn = [{L: draws[d] for L, draws in per_layer.items()} for d in range(controls if picked else 0)]
     sequences = as_sequences(dataset_ids, tokenizer)
+    group_rows = _group_rows(len(sequences), groups)
     means = None
     if mode == "mean":
-        means = _mean_outputs(
-            model, dataset_ids if reference_ids is None else reference_ids, experts, tokenizer, batch_size
-        )
-    hooks = ablation_hooks(model, experts, mode, means)
-    codes, names = _groups(sequences, groups)
-    sums = _run_ablations(model, sequences, codes, max(len(names), 1), [hooks], batch_size, progress)
-    # row 0: every predicted token; then one row per group (none without groups)
-    per_group = slice(0, 1 + len(names))
-    count = torch.cat([sums["count"].sum(0, keepdim=True), sums["count"]])[per_group]
-    base = torch.cat([sums["base"].sum(0, keepdim=True), sums["base"]])[per_group] / count
-    ablated = torch.cat([sums["ablated"][0].sum(0, keepdim=True), sums["ablated"][0]])[per_group] / count
-    kl = torch.cat([sums["kl"][0].sum(0, keepdim=True), sums["kl"][0]])[per_group] / count
-    label = "; ".join(f"L{L}: {sorted(int(e) for e in es)}" for L, es in sorted(experts.items()))
-    frame = pd.DataFrame(
-        {
-            "group": ["all", *names],
-            "n_tokens": count.numpy().astype("int64"),
-            "nll_base": base.numpy(),
-            "nll_ablated": ablated.numpy(),
-            "delta_loss": (ablated - base).numpy(),
-            "kl": kl.numpy(),
-        }
-    )
-    return frame.assign(mode=mode, experts=label)
+        union = {L: sorted({*picked.get(L, ()), *(e for d in drawn for e in d.get(L, ()))}) for L in picked}
+        reference = dataset_ids if reference_ids is None else reference_ids
+        means = mean_outputs(model, reference, union, tokenizer, batch_size)
+    hook_sets = [ablation_hooks(model, s, mode, means) for s in (experts, *drawn)]
+    per = run_per_sequence(model, sequences, hook_sets, batch_size, progress)
+    ablated, kl = per.ablated.numpy(), per.kl.numpy()
+    if drawn:  # the control: each sequence's sums averaged over the draws
+        ablated = np.stack([ablated[0], ablated[1:].mean(0)])
+        kl = np.stack([kl[0], kl[1:].mean(0)])
+    labels = [_label(experts)] + ([f"random: {' | '.join(_label(d) for d in drawn)}"] if drawn else [])
+    frames = []
+    for a, label in enumerate(labels):
+        for i, (group, rows) in enumerate(group_rows):
+            s = summarise(per, rows, ablated[[a]], kl[[a]], level=level, n_boot=n_boot, seed=seed + i)
+            row = {k: (v[0] if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            frames.append({"group": group, **row, "mode": mode, "experts": label, "control": a > 0})
+    return pd.DataFrame(frames)
 
 
 def expert_importance(
@@ -257,6 +160,11 @@ def expert_importance(
     layers: Iterable[int] | None = None,
     mode: str = "zero",
     *,
+    split: Any = "halves",
+    controls: int = DEFAULT_DRAWS,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
     reference_ids: Any = None,
     tokenizer: Any = None,
     batch_size: int = 8,
@@ -264,113 +172,69 @@ def expert_importance(
 ) -> pd.DataFrame:
     """Ablate each expert of each MoE layer alone; a ranked importance table per layer.
 
-    Columns: layer, expert, rank (1 = largest Δloss in its layer), delta_loss, kl, load (fraction of
-    routing slots on the dataset's real tokens, un-ablated), nll_base, nll_ablated, n_tokens, mode.
+    ``split`` (see :func:`ernie_lab.noise.split_sequences`; default two interleaved halves of the
+    sequences): ``rank`` comes from the Δloss on the discover half (``delta_loss_discover``); ``delta_loss``,
+    its interval (``ci_low``, ``ci_high``, ``n_seq``) and ``kl`` are measured on the evaluate half, so a
+    top-ranked expert is not flattered by the texts that ranked it. ``split=None`` uses every text for both.
+    Control rows (``control=True``, expert -1, rank 0), one per layer: the per-sequence effects of
+    ``controls`` random experts other than the layer's top-ranked one, averaged; ``experts`` names them.
+    Other columns: layer, expert, load (share of routing slots on all the dataset's real tokens,
+    un-ablated), nll_base, nll_ablated, n_tokens, mode, split (how the texts were split).
     Costs one base pass plus one pass per (layer, expert) for every batch.
     """
     cfg = model.config
-    layers = list(cfg.moe_layers if layers is None else layers)
-    bad = [L for L in layers if not cfg.is_moe_layer(L)]
-    if bad:
-        raise ValueError(f"layers {bad} are not MoE layers; MoE layers: {cfg.moe_layers}")
+    layers = _check_layers(cfg, cfg.moe_layers if layers is None else layers)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_interval(level, n_boot)
+    control_draws(cfg.moe_num_experts, [0], controls, seed, count=1)  # argument check before the runs
     sequences = as_sequences(dataset, tokenizer)
+    halves = split_sequences(len(sequences), split)
     pairs = [(L, e) for L in layers for e in range(cfg.moe_num_experts)]
     means = None
     if mode == "mean":
-        all_experts = {L: range(cfg.moe_num_experts) for L in layers}
-        means = _mean_outputs(
-            model, dataset if reference_ids is None else reference_ids, all_experts, tokenizer, batch_size
-        )
+        every = {L: range(cfg.moe_num_experts) for L in layers}
+        means = mean_outputs(model, dataset if reference_ids is None else reference_ids, every, tokenizer, batch_size)
     hook_sets = [ablation_hooks(model, {L: [e]}, mode, means) for L, e in pairs]
-    codes, _ = _groups(sequences, None)
-    sums = _run_ablations(model, sequences, codes, 1, hook_sets, batch_size, progress)
-    n = sums["count"][0]
-    load = expert_load(collect_routing(model, sequences, batch_size=batch_size, progress=False))
-    frame = pd.DataFrame(
-        {
-            "layer": [L for L, _ in pairs],
-            "expert": [e for _, e in pairs],
-            "delta_loss": ((sums["ablated"][:, 0] - sums["base"][0]) / n).numpy(),
-            "kl": (sums["kl"][:, 0] / n).numpy(),
-            "nll_base": float(sums["base"][0] / n),
-            "nll_ablated": (sums["ablated"][:, 0] / n).numpy(),
-            "n_tokens": int(n),
-            "mode": mode,
-        }
+    rows = np.union1d(halves.discover, halves.evaluate)
+    per = run_per_sequence(model, sequences, hook_sets, batch_size, progress, load_layers=layers, rows=rows)
+    ablated, kl = per.ablated.numpy(), per.kl.numpy()
+    found = summarise(per, halves.discover, ablated, kl, level=level, n_boot=1, seed=seed)
+    frame = pd.DataFrame({"layer": [L for L, _ in pairs], "expert": [e for _, e in pairs]})
+    frame["delta_loss_discover"] = found["delta_loss"]
+    frame["rank"] = frame.groupby("layer")["delta_loss_discover"].rank(ascending=False, method="first").astype("int64")
+    top = frame[frame["rank"] == 1].set_index("layer")["expert"]
+    labels, extra_ablated, extra_kl = [], [], []
+    for L in layers:
+        draws = [d[0] for d in control_draws(cfg.moe_num_experts, [int(top[L])], controls, seed + L, count=1)]
+        if draws:
+            at = [pairs.index((L, e)) for e in draws]
+            extra_ablated.append(ablated[at].mean(0))
+            extra_kl.append(kl[at].mean(0))
+            labels.append((L, f"random: {' | '.join(f'[{e}]' for e in draws)}"))
+    if labels:
+        ablated, kl = np.concatenate([ablated, np.stack(extra_ablated)]), np.concatenate([kl, np.stack(extra_kl)])
+    measured = summarise(per, halves.evaluate, ablated, kl, level=level, n_boot=n_boot, seed=seed)
+    controls_frame = pd.DataFrame(
+        {"layer": [L for L, _ in labels], "expert": -1, "delta_loss_discover": np.nan, "rank": 0}
     )
-    frame = frame.merge(load[["layer", "expert", "load"]], on=["layer", "expert"], how="left")
-    frame["rank"] = frame.groupby("layer")["delta_loss"].rank(ascending=False, method="first").astype("int64")
-    columns = ["layer", "expert", "rank", "delta_loss", "kl", "load", "nll_base", "nll_ablated", "n_tokens", "mode"]
-    return frame.sort_values(["layer", "rank"], ignore_index=True)[columns]
-
-
-def pruning_curve(
-    model,
-    dataset: Any,
-    layer: int,
-    order_by: str = "importance",
-    steps: Iterable[int] | None = None,
-    mode: str = "zero",
-    *,
-    importance: pd.DataFrame | None = None,
-    reference_ids: Any = None,
-    tokenizer: Any = None,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Loss as the n least important experts of ``layer`` are ablated together, n in ``steps``.
-
-    ``order_by``: "importance" (ascending Δloss from ``importance``, an ``expert_importance`` frame,
-    computed when not given) or "load" (ascending load). ``steps`` default to n = 0..E for zero and
-    mean ablation, and n = 0..E-k for reroute ablation: rerouting needs k experts left to choose
-    from. n = 0 is the un-ablated model (its loss is the base loss).
-    Columns: layer, order_by, mode, n_ablated, frac_ablated (n/E), loss, delta_loss, kl, ablated.
-    """
-    cfg = model.config
-    n_expert = cfg.moe_num_experts
-    if not cfg.is_moe_layer(layer):
-        raise ValueError(f"layer {layer} is not a MoE layer; MoE layers: {cfg.moe_layers}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    max_n = n_expert - cfg.moe_k if mode == "reroute" else n_expert
-    steps = list(range(max_n + 1) if steps is None else steps)
-    if any(not 0 <= n <= max_n for n in steps):
-        raise ValueError(f"steps must lie in 0..{max_n} for mode={mode!r} (E={n_expert}, k={cfg.moe_k})")
-    sequences = as_sequences(dataset, tokenizer)
-    if order_by == "importance":
-        if importance is None:
-            importance = expert_importance(
-                model, sequences, [layer], mode, reference_ids=reference_ids, batch_size=batch_size, progress=progress
-            )
-        table = importance[importance["layer"] == layer].sort_values(["delta_loss", "expert"])
-    elif order_by == "load":
-        table = expert_load(collect_routing(model, sequences, batch_size=batch_size, progress=False))
-        table = table[table["layer"] == layer].sort_values(["load", "expert"])
-    else:
-        raise ValueError(f"order_by must be 'importance' or 'load', got {order_by!r}")
-    order = [int(e) for e in table["expert"]]
-    if sorted(order) != list(range(n_expert)):
-        raise ValueError(f"the ordering table does not list each of the {n_expert} experts of layer {layer} once")
-    means = None
-    if mode == "mean":
-        means = _mean_outputs(
-            model, dataset if reference_ids is None else reference_ids, {layer: order}, tokenizer, batch_size
-        )
-    hook_sets = [ablation_hooks(model, {layer: order[:n]}, mode, means) for n in steps]
-    codes, _ = _groups(sequences, None)
-    sums = _run_ablations(model, sequences, codes, 1, hook_sets, batch_size, progress)
-    count = sums["count"][0]
-    loss = sums["ablated"][:, 0] / count
-    return pd.DataFrame(
-        {
-            "layer": layer,
-            "order_by": order_by,
-            "mode": mode,
-            "n_ablated": steps,
-            "frac_ablated": [n / n_expert for n in steps],
-            "loss": loss.numpy(),
-            "delta_loss": (loss - sums["base"][0] / count).numpy(),
-            "kl": (sums["kl"][:, 0] / count).numpy(),
-            "ablated": [str(order[:n]) for n in steps],
-        }
+    frame = pd.concat(
+        [
+            frame.assign(experts=[f"[{e}]" for e in frame["expert"]], control=False),
+            controls_frame.assign(experts=[s for _, s in labels], control=True),
+        ],
+        ignore_index=True,
     )
+    for key in ("delta_loss", "ci_low", "ci_high", "kl", "nll_ablated"):
+        frame[key] = measured[key]
+    selected = per.selected.numpy() / max(per.real_tokens * cfg.moe_k, 1)
+    where = zip(frame["layer"], frame["expert"], strict=True)
+    frame["load"] = [selected[layers.index(L), e] if e >= 0 else np.nan for L, e in where]
+    frame = frame.assign(nll_base=measured["nll_base"], n_tokens=measured["n_tokens"], n_seq=measured["n_seq"])
+    frame = frame.assign(mode=mode, split=halves.how)
+    columns = [
+        *("layer", "expert", "rank", "delta_loss", "ci_low", "ci_high", "n_seq", "kl", "load", "delta_loss_discover"),
+        *("nll_base", "nll_ablated", "n_tokens", "mode", "split", "experts", "control"),
+    ]
+    frame["order"] = np.where(frame["control"], 10**6, frame["rank"])
+    return frame.sort_values(["layer", "order"], ignore_index=True)[columns]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ernie_lab.bench.bench import FULL, QUICK, BenchSizes, _decode_step_time, save_random_checkpoint
-from ernie_lab.distributed import load_model, spawn
+from ernie_lab.distributed import check_size, load_model, spawn
 from ernie_lab.model.config import ErnieConfig
 
 
@@ -61,6 +61,7 @@ def run_tp_bench(config: str = "bench", n: int = 2, repeats: int = 5, quick: boo
     """Rows: prefill forward, one decode step, bytes held per process; one process vs TP-``n``.
     ``ratio`` is TP-n / one process (below 1: TP-n is faster, or holds less)."""
     cfg = ErnieConfig.preset("tiny" if quick else config)
+    check_size(cfg, n)  # before the one-process model is timed
     sizes = QUICK if quick else FULL
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -24,6 +24,38 @@ def add_threads_option(parser: argparse.ArgumentParser, overrides: str = "") -> 
     )
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest, None)
+    return value is not None and value is not False  # 0 is given (``0 in (None, False)`` is True)
+
+
+def check_args(
+    args: argparse.Namespace,
+    at_least: dict[str, int] | None = None,
+    requires: dict[str, str] | None = None,
+    excludes: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Option values a command cannot use, as one-line ValueErrors before any work (the CLI prints
+    them and exits 2): ``at_least`` {dest: minimum} for integer options given; ``requires`` {dest:
+    other}: an option that only modifies ``other`` (without it, it would be dropped); ``excludes``
+    {dest: (others, ...)}: options ``dest`` ignores, refused together with it."""
+    for dest, other in (requires or {}).items():
+        if _given(args, dest) and not _given(args, other):
+            raise ValueError(f"{_flag(dest)} needs {_flag(other)} (it modifies that option; alone it would be ignored)")
+    for dest, others in (excludes or {}).items():
+        clash = [_flag(o) for o in others if _given(args, dest) and _given(args, o)]
+        if clash:
+            raise ValueError(f"{_flag(dest)} does not combine with {', '.join(clash)} (they would be ignored)")
+    for dest, low in (at_least or {}).items():
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            raise ValueError(f"{_flag(dest)} must be >= {low}, got {value}")
+
+
 def machine_load() -> tuple[float, int]:
     """(1-minute load average, CPU cores); the load is 0.0 where the OS does not report one."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -42,7 +74,7 @@ def apply_threads(requested: int | None, command: str) -> int | None:
 
     if requested is not None:
         if requested < 1:
-            raise SystemExit(f"ernie-lab {command}: error: --threads must be >= 1, got {requested}")
+            raise ValueError(f"--threads must be >= 1, got {requested}")
         torch.set_num_threads(requested)
         return requested
     load, cores = machine_load()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+from pathlib import Path
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES, machine_load
+from ernie_lab.commands import DTYPE_CHOICES, check_args, machine_load
+from ernie_lab.model.placement import check_device
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,7 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--offload", choices=("experts",), default=None, help="compare expert offload (with --expert-slots)"
     )
-    parser.add_argument("--expert-slots", type=int, default=4, metavar="K", help="device slots per layer (default 4)")
+    parser.add_argument(
+        "--expert-slots", type=int, default=None, metavar="K", help="device slots per layer with --offload (default 4)"
+    )
     parser.add_argument(
         "--tp",
         type=int,
@@ -57,12 +61,28 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.bench.real_shape import run_real_shape
     from ernie_lab.io.weights import parse_dtype
 
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    check_args(
+        args,
+        at_least={"repeats": 1, "threads": 1, "expert_slots": 1, "tp": 1},
+        requires={"expert_slots": "offload"},
+        excludes={"tp": ("quantization", "offload", "real_shape", "compile")},
+    )
+    if args.compile and (args.quantization or args.offload) and not args.real_shape:
+        raise ValueError("--compile applies to the plain and --real-shape benches, not to --quantization/--offload")
+    if args.offload and args.expert_slots is None:
+        args.expert_slots = 4
+    if args.tp is not None:  # before any timing: the one-process model is measured first
+        from ernie_lab.distributed.plan import check_size
+        from ernie_lab.model.config import ErnieConfig
+
+        check_size(ErnieConfig.preset("tiny" if args.quick else args.config), args.tp)
     try:
-        torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
+    check_device(torch.device("cuda") if args.real_shape and device.type == "cpu" else device)
+    if args.csv and not Path(args.csv).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--csv {args.csv}: the folder {Path(args.csv).resolve().parent} does not exist")
     if importlib.util.find_spec("transformers") is None and not (args.quantization or args.offload or args.tp):
         raise ImportError(
             "needs transformers, the reference it is timed against; "

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ernie_lab.commands import DTYPE_CHOICES, SRC_HELP, add_threads_option, apply_threads
+from ernie_lab.commands import DTYPE_CHOICES, SRC_HELP, add_threads_option, apply_threads, check_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,12 +47,16 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.io.tokenizer import load_tokenizer
     from ernie_lab.io.weights import load_model
 
+    check_args(args, at_least={"threads": 1}, requires={"system": "chat"})
     sampling = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
     try:  # before loading the model
         check_sampling(**{name: getattr(args, name) for name in sampling})
     except ValueError as err:  # "top_p must be ..." -> "--top-p must be ...", the option as typed
         name, rest = str(err).split(" ", 1)
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    ignored = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p", "seed") if getattr(args, n) is not None]
+    if args.temperature == 0 and ignored:
+        raise ValueError(f"{', '.join(ignored)} need --temperature > 0 (greedy decoding, the default, ignores them)")
     apply_threads(args.threads, "generate")
     tokenizer = load_tokenizer(args.src)
     model = load_model(args.src, dtype=args.dtype, device=args.device)

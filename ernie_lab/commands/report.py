@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ernie_lab.commands import add_threads_option, apply_threads
+from ernie_lab.commands import add_threads_option, apply_threads, check_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ernie_lab.report.runner import run_report
     from ernie_lab.report.spec import load_spec
 
+    check_args(args, at_least={"threads": 1})
     threads = args.threads
     # the spec is only parsed here: resolving it (and checking its recipes) happens once, in run_report
     raw = load_spec(args.spec)

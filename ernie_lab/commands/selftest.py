@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ernie_lab.commands import check_args
+
 CPU_TESTS = ["tests/bench/test_op_count.py", "tests/generation/test_generate.py"]
 GPU_TESTS = ["tests/generation/test_gpu_decode.py"]
 
@@ -32,12 +34,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args, at_least={"repeats": 1})
     if args.gpu and not torch.cuda.is_available():
         print("selftest --gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing run")
         return 0
     root = Path(__file__).resolve().parents[2]
     if not (root / "tests" / "conftest.py").is_file():
-        raise SystemExit(f"selftest needs the source checkout's tests/ folder next to the package; not found in {root}")
+        raise FileNotFoundError(
+            f"selftest needs the source checkout's tests/ folder next to the package; not in {root}"
+        )
     tests = GPU_TESTS + ["-m", "gpu"] if args.gpu else CPU_TESTS
     code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=root).returncode
     if code != 0 or not args.gpu:

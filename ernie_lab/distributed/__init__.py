@@ -18,6 +18,8 @@ _EXPORTS = {
     "broadcast_from_first": "ernie_lab.distributed.group",
     "mesh": "ernie_lab.distributed.group",
     "spawn": "ernie_lab.distributed.group",
+    "HookDivergenceError": "ernie_lab.distributed.hook_check",
+    "PlanError": "ernie_lab.distributed.hook_check",
     "auto_plan": "ernie_lab.distributed.plan",
     "check_size": "ernie_lab.distributed.plan",
     "memory_split": "ernie_lab.distributed.plan",

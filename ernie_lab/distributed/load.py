@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from ernie_lab.distributed.group import mesh, mesh_device
 from ernie_lab.io import weights
+from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.model.ernie import ErnieMoE
 
 
@@ -18,6 +20,7 @@ def load_model(
     device: str | torch.device | None = None,
     *,
     tp_plan: str | dict[str, Any] | None = None,
+    check_hooks: bool = True,
     **kwargs,
 ) -> ErnieMoE:
     """Load ``src`` (see :func:`ernie_lab.io.load_model` for ``src``, ``dtype``, ``device``).
@@ -32,9 +35,18 @@ def load_model(
         hook functions must be deterministic (give the same result on every process).
         ``model.tp_mesh`` is the device mesh (None without a plan). The split model is for forward
         passes: its parameters are frozen, and gradients through it (attribution patching) raise.
+        Every entry of a dict plan must match a module (``PlanError`` naming it, before any read).
+    check_hooks: with a plan, compare each hook's result across the processes after every forward
+        call with hooks attached (a checksum, all-reduced) and raise ``HookDivergenceError`` naming
+        the first point that differs; ``model.tp_check_hooks`` switches it later.
+
+    ``model.tokenizer`` is ``el.load_tokenizer(src)``, loaded on first use (a folder without
+    tokenizer files raises then, not here).
     """
+    if not isinstance(check_hooks, bool):
+        raise TypeError(f"check_hooks must be True or False, got {check_hooks!r}")
     if tp_plan is None:
-        return weights.load_model(src, dtype, device, **kwargs)
+        return _with_tokenizer(weights.load_model(src, dtype, device, **kwargs), src)
     if not (tp_plan == "auto" or isinstance(tp_plan, dict)):
         raise ValueError(f"tp_plan must be None, 'auto' or a dict {{module path: ParallelStyle}}, got {tp_plan!r}")
     if device is None and str(kwargs.get("device_map")) == "auto":
@@ -42,8 +54,9 @@ def load_model(
     if device is not None and str(device) == "auto":
         raise ValueError("device='auto' spreads layers over devices; with tp_plan each process uses its own device")
     # the DTensor machinery takes seconds to import: only a split model pays for it
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
+    from ernie_lab.distributed.hook_check import check_plan, install_hook_check
     from ernie_lab.distributed.plan import auto_plan
     from ernie_lab.distributed.styles import collect_shards
 
@@ -51,9 +64,17 @@ def load_model(
 
     def shard(model: ErnieMoE):
         plan = auto_plan(model.config, device_mesh.size()) if tp_plan == "auto" else tp_plan
+        check_plan(model, plan, ParallelStyle)
         parallelize_module(model, device_mesh, plan)
         return collect_shards(model)
 
     model = weights.load_model(src, dtype, device or mesh_device(device_mesh), shard=shard, **kwargs)
     model.tp_mesh = device_mesh
-    return model.requires_grad_(False)  # forward only: see styles.NO_GRAD
+    install_hook_check(model, device_mesh.get_group(), check_hooks)
+    return _with_tokenizer(model.requires_grad_(False), src)  # forward only: see styles.NO_GRAD
+
+
+def _with_tokenizer(model: ErnieMoE, src: str | Path) -> ErnieMoE:
+    """``model.tokenizer`` loads ``src``'s tokenizer on first use (``to_tokens``, ``to_str_tokens``...)."""
+    model.set_tokenizer_source(functools.partial(load_tokenizer, src))
+    return model

@@ -22,6 +22,7 @@ from ernie_lab.experts.risk import (
     token_marks,
 )
 from ernie_lab.experts.saliency import pruning_sets, saliency, saliency_frame, saliency_vs_importance, spearman
+from ernie_lab.experts.steer import DEFAULT_STRENGTHS, steering_dose
 from ernie_lab.experts.super import sink_test, super_experts, super_frame
 from ernie_lab.experts.truncation import (
     knockout_topk,
@@ -48,6 +49,8 @@ __all__ = [
     "selection_rate",
     "token_marks",
     "steering_sets",
+    "steering_dose",
+    "DEFAULT_STRENGTHS",
     "forced_weights",
     "truncation_lens",
     "truncated_weights",

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
+from ernie_lab.model.checks import nonfinite_error
 
 _KEYS = ("count", "gate", "norm", "gate_norm", "easy")
 
@@ -46,7 +47,13 @@ class ExpertSums:
 
 
 def expert_sums(
-    model, data: Any, tokenizer: Any = None, batch_size: int = 8, progress: bool = True, fwd_hooks=()
+    model,
+    data: Any,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    fwd_hooks=(),
+    check_finite: bool = True,
 ) -> ExpertSums:
     """Run ``model`` over ``data`` (anything ``as_sequences`` accepts) and accumulate :class:`ExpertSums`.
 
@@ -54,11 +61,14 @@ def expert_sums(
     ``hook_expert_out`` and ``hook_mlp_out``, reduce them to per-slot numbers ``[batch pos topk]``
     (padding weighted 0) and add those into per-expert sums on the model's device: no activation is
     stored and nothing syncs with the host until the end. ``fwd_hooks`` (e.g. an ablation) are active
-    during the runs and see edits first.
+    during the runs and see edits first. ``check_finite``: NaN or inf on a real token at
+    ``hook_topk_weights``, ``hook_expert_out`` or ``hook_mlp_out`` raises ``NonFiniteError`` naming
+    the first such layer and point (counted on the device, checked once at the end).
     """
     layers = list(model.config.moe_layers)
     if not layers:
         raise ValueError("the model has no MoE layer")
+    check_batch_size(batch_size)
     sequences = as_sequences(data, tokenizer)
     n_expert = model.config.moe_num_experts
     # accumulated on the model's device (no host sync per hook): [layer key expert], keys as _KEYS
@@ -71,15 +81,28 @@ def expert_sums(
     def on_idx(x, hook):
         state["idx"] = x
 
+    points = ("topk_weights", "expert_out", "mlp_out")
+
+    def count_bad(x, hook, point: str) -> None:  # non-finite entries on real tokens, no host sync
+        if check_finite:
+            real = state["real"].to(x.device).reshape(*x.shape[:2], *([1] * (x.ndim - 2))) > 0
+            bad = (~torch.isfinite(x) & real).sum()
+            if "bad" not in acc:
+                acc["bad"] = torch.zeros(len(layers), len(points), dtype=torch.long, device=x.device)
+            acc["bad"][layers.index(hook.layer), points.index(point)] += bad.to(acc["bad"].device)
+
     def on_weights(x, hook):
+        count_bad(x, hook, "topk_weights")
         state["g"] = x
 
     def on_expert_out(x, hook):
+        count_bad(x, hook, "expert_out")
         state["f_norm"] = x.float().norm(dim=-1)  # [batch pos topk]
         state["f_peak"] = x.float().abs().amax(dim=-1)
 
     def on_mlp_out(y, hook):
-        if not acc:
+        count_bad(y, hook, "mlp_out")
+        if "sums" not in acc:
             dtype = torch.float32 if y.device.type == "mps" else torch.float64  # MPS has no float64
             acc["sums"] = torch.zeros(len(layers), len(_KEYS), n_expert, dtype=dtype, device=y.device)
             acc["peak"] = torch.zeros(len(layers), n_expert, dtype=dtype, device=y.device)
@@ -110,6 +133,15 @@ def expert_sums(
             n_tokens += int(mask.sum())
             with contextlib.suppress(_StopForward):
                 model(ids, attention_mask=mask)
+    if check_finite and "bad" in acc and bool(acc["bad"].any()):
+        bad = acc["bad"].cpu()
+        li, pi = (int(i) for i in torch.nonzero(bad)[0])
+        point = (
+            f"blocks.{layers[li]}.hook_mlp_out"
+            if points[pi] == "mlp_out"
+            else f"blocks.{layers[li]}.moe.hook_{points[pi]}"
+        )
+        raise nonfinite_error(f"{point} (layer {layers[li]}), expert_sums", int(bad.sum()))
     sums = acc["sums"].double().cpu()
     return ExpertSums(
         layers=layers,

@@ -11,13 +11,13 @@ import pandas as pd
 import torch
 
 from ernie_lab.experts.saliency import spearman
+from ernie_lab.model.checks import moe_layer
 from ernie_lab.routing import Routing, coactivation_matrix
 
 
 def router_cosines(model, layer: int) -> torch.Tensor:
     """``[expert expert]`` cosines of MoE ``layer``'s router rows (fp32; diagonal 1)."""
-    if not model.config.is_moe_layer(layer):
-        raise ValueError(f"layer {layer!r} is not a MoE layer; MoE layers are {model.config.moe_layers}")
+    layer = moe_layer(model.config, layer)
     u = model.blocks[layer].mlp.gate.weight.detach().float()
     u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     return u @ u.T

@@ -14,19 +14,23 @@ import pandas as pd
 import torch
 
 from ernie_lab.experts.collect import ExpertSums, expert_sums
+from ernie_lab.model.checks import as_count, as_number, check_frame_finite
 
 SALIENCY_COLUMNS = ("frequency", "weighted_frequency", "ean_mean", "reap", "easy_ep")
 
 
-def saliency(model, data: Any, tokenizer: Any = None, batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+def saliency(
+    model, data: Any, tokenizer: Any = None, batch_size: int = 8, progress: bool = True, check_finite: bool = True
+) -> pd.DataFrame:
     """Per (layer, expert) saliency over the real tokens of ``data``, computed inside hooks.
 
     Columns: layer, expert, n_tokens (``|X_e|``), frequency (``|X_e| / N``), weighted_frequency
     (``sum_{X_e} g_e / N``), ean_mean (``mean_{X_e} ||f_e||``), reap (``mean_{X_e} g_e ||f_e||``),
     easy_ep (``sum_{X_e} g_e ||f_e|| (1 - cos(h, y)) / N``). Experts never selected get 0.
     Costs one forward pass per batch with the explicit expert path (``ernie-lab bench`` times it).
+    NaN or inf at a router or expert point raises ``NonFiniteError`` (``check_finite=False`` to skip).
     """
-    return saliency_frame(expert_sums(model, data, tokenizer, batch_size, progress))
+    return saliency_frame(expert_sums(model, data, tokenizer, batch_size, progress, check_finite=check_finite))
 
 
 def saliency_frame(s: ExpertSums) -> pd.DataFrame:
@@ -51,14 +55,21 @@ def _grid(layers: list[int], n_expert: int, columns: dict[str, torch.Tensor]) ->
     return pd.DataFrame(frame)
 
 
-def pruning_sets(df: pd.DataFrame, column: str = "reap", n: int | None = None, frac: float | None = None) -> dict:
+def pruning_sets(
+    df: pd.DataFrame, column: str = "reap", n: int | None = None, frac: float | None = None, check_finite: bool = True
+) -> dict:
     """The ``n`` (or ``frac`` of E) least salient experts of each layer by ``df[column]``:
     ``{layer: [expert, ...]}``, the form ``el.ablation.ablation_effect`` and the ablation hooks take.
-    Ties go to the lower expert id."""
-    if column not in df.columns:
+    Ties go to the lower expert id. ``n``: an integer >= 0; ``frac``: a number in [0, 1]; a
+    non-finite score raises NonFiniteError (a set is never ranked on inf/NaN)."""
+    if not isinstance(column, str) or column not in df.columns:
         raise KeyError(f"no column {column!r}; saliency columns: {list(SALIENCY_COLUMNS)}")
     if (n is None) == (frac is None):
         raise ValueError("pass exactly one of n (experts per layer) or frac (fraction of the layer's experts)")
+    n = None if n is None else as_count(n, "n")
+    frac = None if frac is None else as_number(frac, "frac", 0.0, 1.0)
+    if check_finite:
+        check_frame_finite(df, [column], "pruning_sets")
     out = {}
     for layer, sub in df.groupby("layer", sort=True):
         count = n if n is not None else int(round(frac * len(sub)))

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from ernie_lab.experts.collect import ExpertSums, expert_sums
 from ernie_lab.interventions import zero_ablate_experts
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
+from ernie_lab.model.checks import ArgumentTypeError, as_number, expert_map
+from ernie_lab.model.checks import check_finite as _check_finite
 
 
 def super_experts(
@@ -27,24 +29,29 @@ def super_experts(
     rel: float = 0.1,
     batch_size: int = 8,
     progress: bool = True,
+    check_finite: bool = True,
 ) -> pd.DataFrame:
     """Per (layer, expert): ``peak = max_t max_channel |f_e(t)|`` over the real tokens routed to it,
     and ``is_super``: ``peak > quantile_q(all peaks)`` and ``peak > rel * max(all peaks)``, over every
     (layer, expert) of the model. Columns: layer, expert, n_tokens, peak, peak_rank (1 = loudest of
-    the model), is_super. Experts never selected have peak 0.
+    the model), is_super. Experts never selected have peak 0. NaN or inf at a router or expert point
+    raises ``NonFiniteError`` naming the layer and hook point (``check_finite=False`` to skip).
     """
     _check_thresholds(quantile, rel)
-    return super_frame(expert_sums(model, data, tokenizer, batch_size, progress), quantile, rel)
+    sums = expert_sums(model, data, tokenizer, batch_size, progress, check_finite=check_finite)
+    return super_frame(sums, quantile, rel, check_finite)
 
 
 def _check_thresholds(quantile: float, rel: float) -> None:
-    if not 0.0 < quantile < 1.0 or not 0.0 <= rel <= 1.0:
-        raise ValueError(f"quantile must lie in (0, 1) and rel in [0, 1]; got quantile={quantile}, rel={rel}")
+    as_number(quantile, "quantile", 0.0, 1.0, open_low=True, open_high=True)
+    as_number(rel, "rel", 0.0, 1.0)
 
 
-def super_frame(s: ExpertSums, quantile: float = 0.995, rel: float = 0.1) -> pd.DataFrame:
+def super_frame(s: ExpertSums, quantile: float = 0.995, rel: float = 0.1, check_finite: bool = True) -> pd.DataFrame:
     """The :func:`super_experts` table from accumulated :class:`ExpertSums`."""
     _check_thresholds(quantile, rel)
+    if check_finite:
+        _check_finite(s.peak, "super_frame: the expert output peaks, blocks.{layer}.moe.hook_expert_out", s.layers)
     peak = s.peak.reshape(-1).numpy()
     threshold = max(float(np.quantile(peak, quantile)), rel * float(peak.max()))
     n_expert = s.peak.shape[1]
@@ -61,7 +68,7 @@ def super_frame(s: ExpertSums, quantile: float = 0.995, rel: float = 0.1) -> pd.
     return frame
 
 
-def _as_expert_map(experts) -> dict[int, list[int]]:
+def _as_expert_map(model, experts) -> dict[int, list[int]]:
     """``{layer: [expert]}`` from such a mapping or from a ``super_experts`` frame (its super rows)."""
     if isinstance(experts, pd.DataFrame):
         rows = experts[experts["is_super"]] if "is_super" in experts.columns else experts
@@ -69,9 +76,10 @@ def _as_expert_map(experts) -> dict[int, list[int]]:
         for layer, expert in zip(rows["layer"], rows["expert"], strict=True):
             out.setdefault(int(layer), []).append(int(expert))
         return out
+        return expert_map(model.config, out)
     if not isinstance(experts, Mapping):
-        raise TypeError("experts must be {layer: [expert, ...]} or a super_experts frame")
-    return {int(L): [int(e) for e in es] for L, es in experts.items()}
+        raise ArgumentTypeError("experts must be {layer: [expert, ...]} or a super_experts frame")
+    return expert_map(model.config, experts)
 
 
 def sink_test(
@@ -89,7 +97,8 @@ def sink_test(
     ``experts``: ``{layer: [expert, ...]}`` or a ``super_experts`` frame (its ``is_super`` rows).
     Columns: layer, max_norm_base, max_norm_ablated, first_attn_base, first_attn_ablated.
     """
-    chosen = _as_expert_map(experts)
+    check_batch_size(batch_size)
+    chosen = _as_expert_map(model, experts)
     ablate = zero_ablate_experts(model, chosen)  # validates layers and expert ids
     sequences = as_sequences(data, tokenizer)
     n_layer = model.config.num_hidden_layers

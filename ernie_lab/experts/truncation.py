@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from einops import einsum
 from tqdm.auto import tqdm
 
-from ernie_lab.ablation import token_nll
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.ablation.core import run_per_sequence
+from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches
+from ernie_lab.model.checks import as_int, as_ints, moe_layers
 
 
 def truncated_weights(w: torch.Tensor, k_prime: int) -> torch.Tensor:
@@ -29,20 +30,19 @@ def truncated_weights(w: torch.Tensor, k_prime: int) -> torch.Tensor:
     return kept * (w.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(w.dtype).tiny))
 
 
-def _check_k(model, k_prime: int) -> None:
-    if not 1 <= k_prime <= model.config.moe_k:
-        raise ValueError(f"k_prime must lie in 1..moe_k={model.config.moe_k}, got {k_prime}")
+def _check_k(model, k_prime: int) -> int:
+    return as_int(k_prime, f"k_prime (1..moe_k={model.config.moe_k})", 1, model.config.moe_k + 1)
 
 
 def truncate_topk(model, k_prime: int, layers: Iterable[int] | None = None) -> list:
     """Hooks keeping only each token's ``k_prime`` highest-weight experts (``hook_topk_weights``
     ``[batch pos topk]`` edited by :func:`truncated_weights`) in ``layers`` (default: every MoE layer)."""
-    _check_k(model, k_prime)
+    k_prime = _check_k(model, k_prime)
+    layers = list(model.config.moe_layers) if layers is None else moe_layers(model.config, layers)
 
     def truncate(w: torch.Tensor, hook) -> torch.Tensor:
         return truncated_weights(w, k_prime)
 
-    layers = model.config.moe_layers if layers is None else layers
     return [(f"blocks.{L}.moe.hook_topk_weights", truncate) for L in layers]
 
 
@@ -51,10 +51,9 @@ def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
     score) and routing it to the next ``k`` of the ranking; the model reweights them by their unbiased
     probs, renormalised. ``r = 0`` selects what the model selects."""
     cfg = model.config
-    if not 0 <= r <= cfg.moe_num_experts - cfg.moe_k:
-        raise ValueError(f"r must lie in 0..E-k={cfg.moe_num_experts - cfg.moe_k}, got {r}")
+    r = as_int(r, f"r (0..E-k={cfg.moe_num_experts - cfg.moe_k})", 0, cfg.moe_num_experts - cfg.moe_k + 1)
     hooks = []
-    for L in cfg.moe_layers if layers is None else layers:
+    for L in cfg.moe_layers if layers is None else moe_layers(cfg, layers):
         stash, bias = {}, model.blocks[L].mlp.moe_statics.e_score_correction_bias
 
         def keep_probs(p, hook, stash=stash) -> None:
@@ -68,18 +67,13 @@ def knockout_topk(model, r: int, layers: Iterable[int] | None = None) -> list:
     return hooks
 
 
-def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``."""
-    total, count = np.zeros(len(hook_sets)), 0
-    batches = iter_batches(sequences, batch_size, model.config.pad_token_id or 0)
-    for ids, mask, _ in tqdm(batches, total=-(-len(sequences) // batch_size), disable=not progress, desc=desc):
-        for i, hooks in enumerate(hook_sets):
-            nll = token_nll(model, ids, mask, hooks)
-            total[i] += float(nll.nan_to_num(0.0).double().sum())
-        count += int(((mask[:, :-1] == 1) & (mask[:, 1:] == 1)).sum())
-    if count == 0:
-        raise ValueError("the dataset has no predicted token (every sequence needs >= 2 real tokens)")
-    return total / count
+def _mean_nll(model, sequences, hook_sets: list[list], batch_size: int, progress: bool) -> np.ndarray:
+    """Mean next-token NLL over predicted real tokens for each hook set: ``[len(hook_sets)]``. One base
+    pass per batch serves every empty hook set (the model itself), and each set runs from its first
+    edited block (:func:`ernie_lab.ablation.core.run_per_sequence`)."""
+    check_batch_size(batch_size)
+    per = run_per_sequence(model, sequences, hook_sets, batch_size, progress)
+    return (per.ablated.sum(1) / per.count.sum()).numpy()
 
 
 def truncation_lens(
@@ -92,6 +86,7 @@ def truncation_lens(
     """
     cfg = model.config
     layers, k = list(cfg.moe_layers), cfg.moe_k
+    check_batch_size(batch_size)
     sequences = as_sequences(data, tokenizer)
     cos_sum = torch.zeros(len(layers), k, dtype=torch.float64)
     n_real, state = 0, {}
@@ -122,7 +117,8 @@ def truncation_lens(
             state["real"] = mask.bool()
             n_real += int(mask.sum())
             model(ids, attention_mask=mask)
-    nll = _mean_nll(model, sequences, [truncate_topk(model, j + 1) for j in range(k)], batch_size, progress, "k'")
+    sets = [truncate_topk(model, j + 1) for j in range(k - 1)] + [[]]  # k' = k is the model itself
+    nll = _mean_nll(model, sequences, sets, batch_size, progress)
     return pd.DataFrame(
         {
             "layer": np.repeat(layers, k),
@@ -145,8 +141,12 @@ def topk_knockout(
     """Mean next-token NLL when every MoE layer drops each token's ``r`` top-ranked experts and takes
     the next ``k`` (``ranks`` default 0..min(k, E-k); r = 0 is the model). Columns: r, nll, delta_nll."""
     cfg = model.config
-    ranks = list(range(min(cfg.moe_k, cfg.moe_num_experts - cfg.moe_k) + 1) if ranks is None else ranks)
-    hook_sets = [knockout_topk(model, r) for r in ranks]  # validates every r first
+    top = cfg.moe_num_experts - cfg.moe_k
+    ranks = (
+        list(range(min(cfg.moe_k, top) + 1)) if ranks is None else as_ints(ranks, f"ranks (0..E-k={top})", 0, top + 1)
+    )
+    hook_sets = [knockout_topk(model, r) for r in ranks]
     sequences = as_sequences(data, tokenizer)
-    nll = _mean_nll(model, sequences, [[], *hook_sets], batch_size, progress, "knockout")
+    sets = [[] if r == 0 else hooks for r, hooks in zip(ranks, hook_sets, strict=True)]  # r = 0: the model
+    nll = _mean_nll(model, sequences, [[], *sets], batch_size, progress)
     return pd.DataFrame({"r": ranks, "nll": nll[1:], "delta_nll": nll[1:] - nll[0]})

@@ -29,6 +29,7 @@ from ernie_lab.distributed.group import broadcast_from_first
 from ernie_lab.generation.cuda_graph import GraphedDecodeStep, compile_refusal, graph_refusal
 from ernie_lab.generation.options import check_options
 from ernie_lab.generation.sampling import apply_repetition_penalty, make_generator, sample_next, token_presence
+from ernie_lab.model.checks import as_ints
 from ernie_lab.model.hook_points import ActivationCache, HookPoint, NamesFilter
 from ernie_lab.model.kv_cache import KVCache
 
@@ -134,7 +135,7 @@ def generate(
     out = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
     if not saves:
         return out
-    return out, ActivationCache({name: _concat_steps(name, parts) for name, parts in store.items()})
+    return out, ActivationCache({name: _concat_steps(name, parts) for name, parts in store.items()}, model)
 
 
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[torch.Tensor]:
@@ -322,10 +323,8 @@ def _hit_stop_strings(ids, finished, texts, tokenizer, stops) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- helpers
 def _id_list(ids: int | Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
-        return [int(i) for i in ids.flatten().tolist()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+        ids = ids.flatten()
+    return as_ints(ids, "eos_token_id", 0, scalar=True)  # ranges checked by check_options
 
 
 def _pad_id(model, tokenizer, pad_token_id: int | None, eos: torch.Tensor) -> int:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ernie_lab.model.checks import ArgumentRangeError, ArgumentTypeError, is_int
+
 
 def check_sampling(
     max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None
@@ -67,11 +69,13 @@ def check_options(
             f"a prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
             f"max_position_embeddings={limit}"
         )
-    ids = eos_token_id.flatten().tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
-    ids = [] if ids is None else [ids] if not isinstance(ids, list | tuple) else ids
+    ids = eos_token_id.flatten() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+    ids = [] if ids is None else [ids] if is_int(ids) or isinstance(ids, str | bytes | float) else ids
     for name, values in (("eos_token_id", ids), ("pad_token_id", [] if pad_token_id is None else [pad_token_id])):
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in values):
-            raise ValueError(f"{name} must be None or token ids (integers in [0, {vocab})), got {values!r}")
+        if not isinstance(values, list | tuple | torch.Tensor) or not all(is_int(i) for i in values):
+            raise ArgumentTypeError(f"{name} must be None or token ids (integers in [0, {vocab})), got {values!r}")
+        if not all(0 <= int(i) < vocab for i in values):
+            raise ArgumentRangeError(f"{name} must be None or token ids (integers in [0, {vocab})), got {values!r}")
     stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
     if stops is not None and not (isinstance(stops, list | tuple) and all(isinstance(t, str) and t for t in stops)):
         raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}")

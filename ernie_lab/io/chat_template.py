@@ -18,9 +18,16 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from ernie_lab.model.checks import check_text
+
 # private-use characters: a template passes them through, and chat text does not contain them
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+class ChatMessageError(ValueError):
+    """A chat message this template cannot render faithfully: a role it does not render (the text
+    would vanish from the prompt) or a content part that is not text."""
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -33,6 +40,72 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise TypeError(f'messages[{i}] must be a dict with a string "role", got {message!r}')
     return list(messages)
+
+
+# roles a template names: message['role'] == 'user', message.role != "tool", 'system' == message["role"]
+_ROLE_TEST = re.compile(
+    r"""role['"]?\]?\s*[!=]=\s*['"]([^'"]+)['"]"""  # role == 'user'
+    r"""|['"]([^'"]+)['"]\s*[!=]=\s*\w+(?:\.role|\[['"]role['"]\])"""  # 'user' == message.role
+)
+_ROLE_IN = re.compile(r"""role['"]?\]?\s+in\s+[\[(]([^\])]*)[\])]""")
+_PARTS = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b""")  # the template reads content parts itself
+_PROBE = "\ue002probe\ue002"
+
+
+def template_roles(template: str) -> list[str]:
+    """The roles ``template`` tests for, read from its source (sorted; empty when it tests none)."""
+    roles = {a or b for a, b in _ROLE_TEST.findall(template)}
+    for group in _ROLE_IN.findall(template):
+        roles |= set(re.findall(r"""['"]([^'"]+)['"]""", group))
+    return sorted(roles)
+
+
+def prepare_messages(template: str, messages: list[dict[str, Any]], variables: dict) -> list[dict[str, Any]]:
+    """Messages checked against ``template`` before rendering.
+
+    Content: a string, None, or a list of ``{"type": "text", "text": str}`` parts, joined without a
+    separator (as templates that read parts render consecutive text parts) unless the template reads
+    the parts itself; any other part type (an image...) is a ChatMessageError for this text-only
+    model. Roles: each role must appear in the rendering of a one-message probe, else the message
+    would vanish from the prompt: ChatMessageError listing the template's roles. Lone surrogates in
+    text: ArgumentRangeError naming the character and position.
+    """
+    reads_parts = bool(_PARTS.search(template))
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list | tuple):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ChatMessageError(
+                        f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': str}}; got "
+                        f"{part!r} (this model reads text only)"
+                    )
+                texts.append(part["text"])
+            content = list(content) if reads_parts else "".join(texts)
+            message = {**message, "content": content}
+        elif content is not None and not isinstance(content, str):
+            raise ChatMessageError(f"messages[{i}].content must be a string or a list of text parts, got {content!r}")
+        if isinstance(content, str):
+            check_text(content, f"messages[{i}].content")
+        out.append(message)
+    probes = [_PROBE, [{"type": "text", "text": _PROBE}]] if reads_parts else [_PROBE]
+    for role in dict.fromkeys(m["role"] for m in out):
+        rendered = []
+        for content in probes:
+            try:
+                rendered.append(render_chat(template, [{"role": role, "content": content}], False, variables))
+            except Exception:  # a template that refuses a lone message: nothing learnt from the probe
+                rendered.append(_PROBE)
+        if not any(_PROBE in text for text in rendered):
+            where = next(i for i, m in enumerate(out) if m["role"] == role)
+            raise ChatMessageError(
+                f"messages[{where}] has role {role!r}, which this chat template does not render (its text would "
+                f"vanish from the prompt); the template's roles: {template_roles(template) or 'none named'}"
+            )
+    return out
 
 
 def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, variables: dict) -> str:

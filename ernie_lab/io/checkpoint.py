@@ -128,13 +128,30 @@ def open_file(path: Path) -> Iterator:
         yield f
 
 
+def check_link(path: Path) -> None:
+    """CheckpointError when ``path`` is a symbolic link that does not resolve (a loop, or a target that
+    is gone): ``exists()`` is False for both, which would read as "no such file"."""
+    if not path.is_symlink() or path.exists():
+        return
+    try:
+        path.resolve(strict=True)
+        reason = "it does not resolve"
+    except FileNotFoundError:
+        reason = f"its target {path.readlink()} does not exist"
+    except (RuntimeError, OSError):  # RuntimeError: Python < 3.13's "Symlink loop"; OSError: ELOOP
+        reason = "it is a symlink loop"
+    raise CheckpointError(f"{path} is a symbolic link that cannot be read: {reason}")
+
+
 def checkpoint_files(directory: Path) -> dict[str, Path]:
     """Hub key -> the safetensors file holding it, from the shard index when present.
 
     Raises FileNotFoundError when the directory has no safetensors checkpoint and CheckpointError
     when the index is malformed or names a file that does not exist.
     """
-    index = directory / INDEX_FILE
+    index, single = directory / INDEX_FILE, directory / SINGLE_FILE
+    check_link(index)
+    check_link(single)
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -147,10 +164,10 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
             if path.resolve().parent != directory.resolve():
                 shard = str(path.relative_to(directory))
                 raise CheckpointError(f"{index.name} names shard {shard!r}, which is not a file name in {directory}")
+            check_link(path)
             if not path.is_file():
                 raise CheckpointError(f"{index.name} names shard {path.name}, which does not exist in {directory}")
         return files
-    single = directory / SINGLE_FILE
     if single.exists():
         with open_file(single) as f:
             return dict.fromkeys(f.keys(), single)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ernie_lab.model.checks import as_count
+
 
 def as_sequences(data: Any, tokenizer: Any = None) -> list[torch.Tensor]:
     """Normalise a dataset to a list of 1-D LongTensors of real tokens (padding removed).
@@ -79,9 +81,8 @@ def iter_batches(
 
 
 def check_batch_size(batch_size: Any) -> None:
-    """ValueError unless ``batch_size`` is an integer >= 1."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    """ValueError (ArgumentTypeError / ArgumentRangeError) unless ``batch_size`` is an integer >= 1."""
+    as_count(batch_size, "batch_size", low=1)
 
 
 def token_groups(groups: Sequence[Any] | None, lengths: Sequence[int]) -> np.ndarray | None:

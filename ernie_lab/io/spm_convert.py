@@ -34,6 +34,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
+from ernie_lab.io.tokenizer_files import TokenizerError
+
 INSTALL_HINT = "pip install 'ernie-lab[sentencepiece]'"
 
 # SentencePiece piece types and model types (sentencepiece_model.proto).
@@ -64,7 +66,12 @@ def read_model_proto(model_file: Path):
             f"sentencepiece and protobuf packages: {INSTALL_HINT}"
         ) from err
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(Path(model_file).read_bytes())
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not a ModelProto
+        raise TokenizerError(f"{model_file} is not a SentencePiece model ({type(err).__name__}: {err})") from err
+    if not proto.pieces:  # protobuf parses many byte strings as an empty message
+        raise TokenizerError(f"{model_file} is not a SentencePiece model (it holds no pieces)")
     return proto
 
 

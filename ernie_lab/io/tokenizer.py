@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import json
 import re
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from ernie_lab.io.chat_template import check_messages, encode_chat, render_chat
-from ernie_lab.io.encoding import BatchEncoding
+from ernie_lab.io.chat_template import check_messages, encode_chat, prepare_messages, render_chat
+from ernie_lab.io.encoding import BatchEncoding, batch_encoding
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.spm_convert import SPACE, converted_tokenizer_json
+from ernie_lab.io.tokenizer_files import (
+    TokenizerError,
+    chat_template_of,
+    declared_tokens,
+    max_length_of,
+    merge_added_tokens,
+    named_tokens,
+    read_json,
+)
+from ernie_lab.model.checks import ArgumentTypeError, as_ints, check_text
 
 # The ERNIE 4.5 chat format (as the hub chat_template renders it), written as a jinja template that renders the
 # same strings as the ``chat_template`` shipped in the ERNIE 4.5 hub ``tokenizer_config.json``:
@@ -52,9 +61,6 @@ TOKENIZER_PATTERNS = [
     "generation_config.json",
     "chat_template.jinja",
 ]
-# The named special tokens transformers exposes (``SPECIAL_TOKENS_ATTRIBUTES``); any other
-# ``*_token`` string in tokenizer_config.json (ERNIE: ``sys_start_token``...) is named too.
-NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -76,15 +82,15 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
             f"no tokenizer in {directory}: looked for tokenizer.json or tokenizer.model "
             "(a Hugging Face layout directory, e.g. a copy of an ERNIE 4.5 hub repo)"
         )
-    config = _read_json(directory / "tokenizer_config.json")
-    named = _named_tokens(config, _read_json(directory / "special_tokens_map.json"))
-    state = _read_json(tokenizer_json)
+    config = read_json(directory / "tokenizer_config.json")
+    named = named_tokens(config, read_json(directory / "special_tokens_map.json"))
+    state = read_json(tokenizer_json)
     if not isinstance(state.get("model"), dict):
         raise TokenizerError(f"{tokenizer_json} is not a tokenizers file (no 'model' object)")
-    state["added_tokens"] = _merge_added_tokens(
-        state, _declared_tokens(config, named, _read_json(directory / "added_tokens.json"))
+    state["added_tokens"] = merge_added_tokens(
+        state, declared_tokens(config, named, read_json(directory / "added_tokens.json"))
     )
-    generation = _read_json(directory / "generation_config.json").get("eos_token_id")
+    generation = read_json(directory / "generation_config.json").get("eos_token_id")
     eos = [generation] if isinstance(generation, int) else generation or []
     if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
         raise TokenizerError(f"{directory / 'generation_config.json'}: eos_token_id={generation!r} must be token ids")
@@ -95,13 +101,10 @@ def load_tokenizer(src: str | Path) -> ErnieTokenizer:
     return ErnieTokenizer(
         tokenizer,
         special_tokens=named,
-        chat_template=_chat_template(directory, config),
+        chat_template=chat_template_of(directory, config),
         extra_eos_ids=eos,
+        model_max_length=max_length_of(config.get("model_max_length")),
     )
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used; the message names the file."""
 
 
 class ErnieTokenizer:
@@ -118,8 +121,10 @@ class ErnieTokenizer:
         special_tokens: dict[str, str] | None = None,
         chat_template: str | None = None,
         extra_eos_ids: list[int] | tuple[int, ...] = (),
+        model_max_length: int | None = None,
     ):
         self.tokenizer = tokenizer
+        self.model_max_length = model_max_length  # tokenizer_config.json's; the default max_length
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template
         self._extra_eos_ids = list(extra_eos_ids)
@@ -181,11 +186,13 @@ class ErnieTokenizer:
         """Token ids of ``text``; nothing added (no BOS). Special-token strings become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        check_text(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (a list or a 1-D tensor)."""
-        return self.tokenizer.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (a list or a 1-D integer tensor of ids in ``[0, vocab_size)``; a string,
+        floats or bools raise ArgumentTypeError, never read digit by digit)."""
+        return self.tokenizer.decode(_id_list(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, batch: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         """``decode`` for each row of ``batch`` ([batch pos] tensor or list of lists)."""
@@ -197,33 +204,34 @@ class ErnieTokenizer:
         padding_side: str = "left",
         return_tensors: str | None = "pt",
         add_special_tokens: bool = False,
+        padding: bool | str = "longest",
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        truncation_side: str = "right",
     ) -> BatchEncoding:
         """Encode a batch: ``input_ids`` and ``attention_mask`` ([batch pos], 0 on padding).
 
-        Left padding (the default) keeps every prompt's last token in the last column, which is
-        what batched generation needs. ``return_tensors=None`` gives lists instead of LongTensors.
-        A :class:`BatchEncoding` (``model.generate(**tok([text]).to(model.device))`` works as in
-        transformers). ``add_special_tokens``: transformers' spelling; ERNIE adds no BOS/EOS either way.
+        ``padding``, ``truncation``, ``max_length``, ``truncation_side``: as in transformers
+        (:func:`ernie_lab.io.encoding.batch_encoding`; ``max_length`` defaults to the config's
+        ``model_max_length``). Two defaults differ, for batched generation: ``padding_side="left"``
+        keeps every prompt's last token in the last column, and ``padding="longest"`` (transformers:
+        no padding) makes a batch one tensor. ``return_tensors=None`` gives lists instead of
+        LongTensors. A :class:`BatchEncoding` (``model.generate(**tok([text]).to(model.device))``
+        works as in transformers). ``add_special_tokens``: transformers' spelling; ERNIE adds no
+        BOS/EOS either way.
         """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         rows = [self.encode(t) for t in ([texts] if isinstance(texts, str) else texts)]
-        width = max((len(r) for r in rows), default=0)
-        ids, mask = [], []
-        for row in rows:
-            pad = width - len(row)
-            if padding_side == "left":
-                ids.append([self.pad_token_id] * pad + row)
-                mask.append([0] * pad + [1] * len(row))
-            else:
-                ids.append(row + [self.pad_token_id] * pad)
-                mask.append([1] * len(row) + [0] * pad)
-        if return_tensors == "pt":
-            ids = torch.tensor(ids, dtype=torch.long).reshape(len(rows), width)
-            mask = torch.tensor(mask, dtype=torch.long).reshape(len(rows), width)
-        return BatchEncoding(input_ids=ids, attention_mask=mask)
+        return batch_encoding(
+            rows,
+            self.pad_token_id,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            model_max_length=self.model_max_length,
+            padding_side=padding_side,
+            truncation_side=truncation_side,
+            return_tensors=return_tensors,
+        )
 
     def convert_ids_to_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
         """Readable token strings, e.g. for plot labels.
@@ -232,7 +240,7 @@ class ErnieTokenizer:
         byte-level BPE tokens (GPT-2's ``Ġ`` alphabet) are shown as their UTF-8 text, with
         ``\\xNN`` escapes for bytes that do not complete a character. Added tokens show verbatim.
         """
-        return [self._readable(i) for i in _id_list(ids)]
+        return [self._readable(i) for i in _id_list(ids, self.vocab_size)]
 
     def _readable(self, idx: int) -> str:
         token = self.tokenizer.id_to_token(idx)
@@ -273,6 +281,7 @@ class ErnieTokenizer:
         if not isinstance(template, str):
             raise TypeError(f"chat_template must be a jinja template string, got {type(template).__name__}")
         variables = {**self.special_tokens, **template_kwargs}
+        messages = prepare_messages(template, messages, variables)
         if tokenize and not special_tokens_in_content:
             return encode_chat(self.tokenizer, template, messages, add_generation_prompt, variables)
         text = render_chat(template, messages, add_generation_prompt, variables)
@@ -283,113 +292,12 @@ class ErnieTokenizer:
         return f"ErnieTokenizer(vocab_size={self.vocab_size}, {named})"
 
 
-def _id_list(ids: list[int] | torch.Tensor) -> list[int]:
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 1:
-            raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
-        return ids.tolist()
-    if isinstance(ids, str | bytes) or not all(isinstance(i, Integral) and not isinstance(i, bool) for i in ids):
-        raise TypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
-    return [int(i) for i in ids]
-
-
-def _read_json(path: Path) -> dict:
-    """The JSON object in ``path`` ({} when absent); TokenizerError naming the file when it is not one."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # bad JSON or not UTF-8
-        raise TokenizerError(f"{path} is not valid UTF-8 JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _content(value: Any) -> str | None:
-    """A token given as a string or as an AddedToken dict ``{"content": ...}``."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _named_tokens(config: dict, special_map: dict) -> dict[str, str]:
-    """Named special tokens: tokenizer_config.json first, special_tokens_map.json for the rest."""
-    named = {}
-    # transformers v5 also saves ``*_token`` names beyond the standard ones as a dict
-    saved = [config.get("model_specific_special_tokens"), config.get("extra_special_tokens")]
-    for source in (config, *[d for d in saved if isinstance(d, dict)], special_map):
-        for key, value in source.items():
-            # transformers takes ``*_token`` keys beyond the standard ones only when they are strings
-            wanted = key in NAMED_TOKENS or (key.endswith("_token") and isinstance(value, str))
-            if wanted and key not in named and (token := _content(value)) is not None:
-                named[key] = token
-    return named
-
-
-def _declared_tokens(config: dict, named: dict[str, str], added_file: dict[str, int]) -> list[dict]:
-    """Every token the config files declare, as ``tokenizer.json`` added-token entries (id may be None)."""
-    declared = []
-    for idx, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-        entry = _added_entry(spec["content"], special=spec.get("special", True))
-        declared.append({**entry, **{k: v for k, v in spec.items() if k in entry}, "id": int(idx)})
-    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-    extra = extra if isinstance(extra, list) else []  # a dict holds named tokens, already in ``named``
-    special = set(named.values()) | {_content(t) for t in extra if isinstance(t, (str, dict))}
-    for token, idx in sorted(added_file.items(), key=lambda kv: kv[1]):
-        declared.append({**_added_entry(token, special=token in special), "id": idx})
-    declared += [{**_added_entry(t, special=True), "id": None} for t in sorted(special - {None})]
-    return declared
-
-
-def _added_entry(content: str, special: bool) -> dict:
-    return {
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": not special,
-        "special": special,
-    }
-
-
-def _merge_added_tokens(state: dict, declared: list[dict]) -> list[dict]:
-    """The ``added_tokens`` list of ``state`` updated with the config's declared tokens.
-
-    A declared token already in the vocabulary keeps its id (and is marked special if declared so);
-    a new one gets the next free id, which must equal its declared id when it has one.
-    """
-    added = {t["content"]: t for t in state.get("added_tokens", [])}
-    vocab = state["model"].get("vocab", {})
-    vocab_ids = dict(vocab) if isinstance(vocab, dict) else {tok: i for i, (tok, _) in enumerate(vocab)}
-    next_id = max([len(vocab_ids) - 1, *vocab_ids.values(), *(t["id"] for t in added.values())], default=-1) + 1
-    for spec in declared:
-        content = spec["content"]
-        known = added[content]["id"] if content in added else vocab_ids.get(content)
-        if known is None:
-            known, next_id = next_id, next_id + 1
-            added[content] = {**spec, "id": known}
-        elif content in added:
-            added[content]["special"] = added[content]["special"] or spec["special"]
-        else:
-            added[content] = {**spec, "id": known}
-        if spec["id"] is not None and spec["id"] != known:
-            raise ValueError(
-                f"tokenizer config declares {content!r} with id {spec['id']}, but the tokenizer gives it id {known}"
-            )
-        if added[content]["special"]:
-            added[content]["normalized"] = False
-    return sorted(added.values(), key=lambda t: t["id"])
-
-
-def _chat_template(directory: Path, config: dict) -> str | None:
-    """``chat_template.jinja`` if present (transformers v5 saves it there), else the config's."""
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    return template
+def _id_list(ids: list[int] | torch.Tensor, vocab: int) -> list[int]:
+    if isinstance(ids, torch.Tensor) and ids.dim() != 1:
+        raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+    if isinstance(ids, str | bytes):
+        raise ArgumentTypeError(f"ids must be a list of integer token ids or a 1-D tensor, got {ids!r}")
+    return as_ints(ids, "ids (token ids)", 0, vocab)
 
 
 def _byte_to_unicode() -> dict[int, str]:

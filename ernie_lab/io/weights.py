@@ -44,6 +44,7 @@ from ernie_lab.model.offload import check_offload, offload_experts
 from ernie_lab.model.placement import Placement, make_placement
 from ernie_lab.model.quant import (
     quantization_of,
+    quantization_skip,
     quantize_modules,
     quantized_target,
     resolve_quantization,
@@ -109,7 +110,8 @@ def load_model(
         are quantized tensor by tensor while reading, so memory peaks near the quantized size;
         router and correction bias stay fp32, norms, embedding and LM head in ``dtype``. See
         :mod:`ernie_lab.model.quant`. ``quantization_config``: the same from a transformers
-        ``BitsAndBytesConfig`` (its ``bnb_4bit_compute_dtype`` is the default ``dtype``).
+        ``BitsAndBytesConfig`` (its ``bnb_4bit_compute_dtype`` is the default ``dtype``; modules its
+        ``llm_int8_skip_modules`` match stay in full precision; fields it cannot honour raise).
     offload: ``"experts"`` keeps the routed experts in host memory and computes through
         ``expert_slots`` device slots per layer (LRU); results equal the resident model's, and
         ``model.offload_stats()`` counts hits, misses and bytes copied (:mod:`ernie_lab.model.offload`).
@@ -151,7 +153,7 @@ def load_model(
     dtype = parse_dtype(dtype) if dtype is not None else compute_dtype or _checkpoint_dtype(config, files)
     shards = shard(model) if shard is not None else {}
     with torch.device("meta"):
-        swapped = quantize_modules(model, fmt, dtype) if fmt else {}
+        swapped = quantize_modules(model, fmt, dtype, quantization_skip(quantization_config)) if fmt else {}
     placement = make_placement(model, dtype, device)
     if offload is not None:  # experts are read into host memory; offload_experts adds the device slots
         placement = _experts_on_host(placement)

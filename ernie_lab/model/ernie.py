@@ -24,6 +24,7 @@ from ernie_lab.model.kv_cache import KVCache, LayerKV
 from ernie_lab.model.layers import Attention, DenseMLP, Linear, RMSNorm, rope_tables
 from ernie_lab.model.moe import MoE
 from ernie_lab.model.offload import offload_stats
+from ernie_lab.model.shortcuts import ShortcutsMixin
 from ernie_lab.model.weight_views import forget
 
 
@@ -73,8 +74,11 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class ErnieMoE(HookRegistry, nn.Module):
-    """ERNIE 4.5 MoE causal language model. ``model(input_ids)`` -> logits ``[batch pos vocab]``."""
+class ErnieMoE(ShortcutsMixin, HookRegistry, nn.Module):
+    """ERNIE 4.5 MoE causal language model. ``model(input_ids)`` -> logits ``[batch pos vocab]``.
+
+    TransformerLens' conveniences (``to_tokens``, ``to_str_tokens``, ``W_U``...): :mod:`ernie_lab.model.shortcuts`.
+    """
 
     def __init__(self, config: ErnieConfig, *, init: bool = True):
         super().__init__()
@@ -154,6 +158,7 @@ class ErnieMoE(HookRegistry, nn.Module):
         same logits as the unpadded sequence. With ``cache`` the tokens continue the cached prefix.
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, cache)
+        self.warn_if_padded(input_ids, attention_mask)
         return self.forward_unchecked(input_ids, attention_mask, cache)
 
     def forward_unchecked(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> torch.Tensor:
@@ -164,16 +169,40 @@ class ErnieMoE(HookRegistry, nn.Module):
             positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, cache)
         cos, sin = rope_tables(positions, self.config.d_head, self.config.rope_theta)
         x = self.hook_embed(self.model.embed_tokens(input_ids))
-        for i, block in enumerate(self.blocks):
+        x = self._blocks_from(0, x, cos, sin, mask, cache, pos0)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+            if isinstance(pos0, torch.Tensor):
+                cache.fill += 1
+        x = self.hook_normalized(self.model.norm(_to(x, self.model.norm.weight.device)))
+        return self.hook_logits(self.lm_head(_to(x, self.lm_head.weight.device)))
+
+    def _blocks_from(self, start: int, x, cos, sin, mask, cache, pos0) -> torch.Tensor:
+        for i in range(start, len(self.blocks)):
+            block = self.blocks[i]
             device = block.input_layernorm.weight.device
             if x.device != device:  # layers spread over devices (device="auto")
                 x, cos, sin = x.to(device), cos.to(device), sin.to(device)
                 mask = None if mask is None else mask.to(device)
             x = block(x, cos, sin, mask, cache.layers[i] if cache else None, pos0)
-        if cache is not None:
-            cache.pos += input_ids.shape[1]
-            if isinstance(pos0, torch.Tensor):
-                cache.fill += 1
+        return x
+
+    def forward_from(
+        self, layer: int, resid: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[batch pos vocab]`` running only blocks ``layer..`` from ``resid`` ``[batch pos d_model]``,
+        the value ``blocks.{layer}.hook_resid_pre`` took in a run on the same ``input_ids`` and
+        ``attention_mask``: the same numbers as that full run when nothing before ``layer`` is edited,
+        without recomputing the earlier blocks (an intervention at layer L needs only blocks L..).
+        Hooks on points of blocks ``layer..`` and after fire as usual; earlier ones do not."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer must lie in 0..{len(self.blocks) - 1}, got {layer}")
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, None)
+        if tuple(resid.shape) != (*input_ids.shape, self.config.hidden_size):
+            raise ValueError(f"resid must be [batch pos d_model] = {(*input_ids.shape, self.config.hidden_size)}")
+        positions, mask, pos0 = self._positions_and_mask(input_ids, attention_mask, None)
+        cos, sin = rope_tables(positions, self.config.d_head, self.config.rope_theta)
+        x = self._blocks_from(layer, resid, cos, sin, mask, None, pos0)
         x = self.hook_normalized(self.model.norm(_to(x, self.model.norm.weight.device)))
         return self.hook_logits(self.lm_head(_to(x, self.lm_head.weight.device)))
 
@@ -253,6 +282,9 @@ class ErnieMoE(HookRegistry, nn.Module):
                 empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask rows {empty} have no real token (all 0)")
         if cache is not None:
+            if not hasattr(cache, "check_fits"):
+                raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+            cache.check_fits(self)
             if cache.batch != input_ids.shape[0]:
                 raise ValueError(f"cache batch {cache.batch} != input batch {input_ids.shape[0]}")
             if cache.pos + input_ids.shape[1] > cache.capacity:

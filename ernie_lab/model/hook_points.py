@@ -1,4 +1,4 @@
-"""Hook points, the hook registry of a model, and ActivationCache.
+"""Hook points and the hook registry of a model (the cache they fill: :mod:`ernie_lab.model.cache`).
 
 A :class:`HookPoint` is an identity on an activation until a hook is attached. It is a plain object,
 not an ``nn.Module``: an unhooked point costs one attribute test, so the plain forward pass stays as
@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+
+from ernie_lab.model.cache import ActivationCache
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameSpec = str | Callable[[str], bool]
@@ -37,7 +40,7 @@ class HookError(RuntimeError):
 class HookPoint:
     """A named place in the forward pass where hooks can read or replace an activation."""
 
-    __slots__ = ("name", "layer", "fwd", "bwd", "wrap")
+    __slots__ = ("name", "layer", "fwd", "bwd", "wrap", "check")
 
     def __init__(self, name: str, layer: int | None = None):
         self.name = name
@@ -47,6 +50,8 @@ class HookPoint:
         # set by a parallel plan (ernie_lab.distributed) where this process holds part of the
         # activation: wrap(x, point) makes it whole, calls point.run and returns this process's part
         self.wrap: Callable[[torch.Tensor, HookPoint], torch.Tensor] | None = None
+        # set by a parallel plan: check(result, point) sees each activation a hook replaced
+        self.check: Callable[[torch.Tensor, HookPoint], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -61,11 +66,14 @@ class HookPoint:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the attached hooks to the whole activation ``x``; returns the (possibly replaced) value."""
+        replaced = False
         for fn in list(self.fwd):
             out = fn(x, self)
             if out is not None:
                 self._check(out, x, fn)
-                x = out
+                x, replaced = out, True
+        if replaced and self.check is not None:
+            self.check(x, self)
         if self.bwd and x.requires_grad:
             # bind the hooks attached now: run_with_hooks detaches them before the caller's backward()
             fns = list(self.bwd)
@@ -213,26 +221,65 @@ class HookRegistry:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         fwd_hooks: Iterable[tuple[NameSpec, HookFn]] = (),
+        incl_bwd: bool = False,
+        metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Forward pass storing the activations ``names_filter`` selects (all when None).
 
         Runs without autograd. ``fwd_hooks`` run before caching, so the cache sees edited values.
         ``device``/``dtype`` move and cast what is stored (e.g. ``device="cpu"`` to spare GPU memory).
-        Returns ``(logits, cache)``. Only the selected points are stored, and costly points
-        (attention scores/pattern, per-expert activations) are computed only when selected.
+        Returns ``(logits, cache)``; ``cache.model`` is this model. Only the selected points are
+        stored, and costly points (attention scores/pattern, per-expert activations) are computed
+        only when selected.
+
+        ``incl_bwd=True`` also backpropagates ``metric(logits)`` (a scalar; default the mean
+        next-token cross-entropy, TransformerLens' ``return_type="loss"``) and stores the gradient
+        of each selected floating activation under ``<name>_grad``. The gradients are taken with
+        ``torch.autograd.grad``: no parameter's ``.grad`` is touched. The logits then carry no graph.
         """
+        if incl_bwd:
+            return self._run_with_grads(input_ids, names_filter, device, dtype, fwd_hooks, metric, **kwargs)
+        if metric is not None:
+            raise ValueError("metric is the scalar that incl_bwd=True backpropagates; pass incl_bwd=True with it")
         store: dict[str, torch.Tensor] = {}
 
         def save(x: torch.Tensor, hook: HookPoint) -> None:
-            # dtype casts floating activations only: topk_idx stays int64
-            cast = dtype if dtype is not None and x.is_floating_point() else x.dtype
-            store[hook.name] = x.detach().to(device=device or x.device, dtype=cast)
+            store[hook.name] = _stored(x, device, dtype)
 
         names = self.resolve_names(names_filter)
         with torch.no_grad(), self.hooks(list(fwd_hooks) + [(n, save) for n in names]):
             logits = self(input_ids, **kwargs)
-        return logits, ActivationCache({n: store[n] for n in names if n in store})
+        return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
+
+    def _run_with_grads(self, input_ids, names_filter, device, dtype, fwd_hooks, metric, **kwargs):
+        """``run_with_cache(incl_bwd=True)``: forward with autograd, then the gradient of the metric
+        with respect to every selected floating activation (as the forward pass used it)."""
+        live: dict[str, torch.Tensor] = {}
+
+        def leaf(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            # frozen parameters give an embedding without a graph: start one so the gradients exist
+            return None if x.requires_grad else x.detach().requires_grad_(True)
+
+        def save(x: torch.Tensor, hook: HookPoint) -> None:
+            live[hook.name] = x
+
+        names = self.resolve_names(names_filter)
+        hooks = [("hook_embed", leaf), *fwd_hooks, *[(n, save) for n in names]]
+        with torch.enable_grad(), self.hooks(hooks):
+            logits = self(input_ids, **kwargs)
+            if metric is None:
+                value = _next_token_loss(logits, input_ids, kwargs.get("attention_mask"))
+            else:
+                value = metric(logits)
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise ValueError(f"metric(logits) must return a scalar tensor, got {value!r}")
+            wanted = [n for n in names if n in live and live[n].is_floating_point() and live[n].requires_grad]
+            grads = torch.autograd.grad(value.reshape(()), [live[n] for n in wanted], allow_unused=True)
+        store = {n: _stored(live[n], device, dtype) for n in names if n in live}
+        for n, g in zip(wanted, grads, strict=True):
+            store[f"{n}_grad"] = _stored(torch.zeros_like(live[n]) if g is None else g, device, dtype)
+        return logits.detach(), ActivationCache(store, self)
 
     def cache_size(self, input_ids: torch.Tensor, names_filter: NamesFilter = None) -> int:
         """Bytes ``run_with_cache(input_ids, names_filter)`` will store, computed without running."""
@@ -247,67 +294,39 @@ class HookRegistry:
         return total
 
 
-class ActivationCache:
-    """Activations by hook name: ``cache[name]``, ``keys()``, ``stack()``, ``to()``, ``nbytes``."""
+def _stored(x: torch.Tensor, device, dtype) -> torch.Tensor:
+    """What a cache keeps of ``x``: detached, moved to ``device``, floating values cast to ``dtype``
+    (``topk_idx`` stays int64)."""
+    cast = dtype if dtype is not None and x.is_floating_point() else x.dtype
+    return x.detach().to(device=device or x.device, dtype=cast)
 
-    def __init__(self, store: dict[str, torch.Tensor]):
-        self._store = store
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._store:
-            close = difflib.get_close_matches(name, self._store, n=5, cutoff=0.6)
-            hint = f"; close: {', '.join(close)}" if close else ""
-            raise KeyError(f"{name!r} is not in this cache ({len(self._store)} entries){hint}")
-        return self._store[name]
+def _next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits on the next input token (padding left out)."""
+    ids = (input_ids if input_ids.ndim == 2 else input_ids[None]).to(logits.device)
+    if ids.shape[1] < 2:
+        raise ValueError("the default metric (next-token loss) needs at least 2 positions; pass metric=fn(logits)")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+    )
+    if attention_mask is None:
+        return losses.mean()
+    keep = attention_mask.reshape(ids.shape)[:, 1:].flatten().to(losses.device, losses.dtype)
+    return (losses * keep).sum() / keep.sum()
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._store
 
-    def __len__(self) -> int:
-        return len(self._store)
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._store)
 
-    def keys(self):
-        return self._store.keys()
-
-    def items(self):
-        return self._store.items()
-
-    def layers(self, suffix: str) -> list[int]:
-        """Layers holding ``blocks.{L}.{suffix}``, ascending."""
-        found = []
-        for name in self._store:
-            head, _, rest = name.partition(".")
-            layer, _, tail = rest.partition(".")
-            if head == "blocks" and tail == suffix:
-                found.append(int(layer))
-        return sorted(found)
-
-    def stack(self, suffix: str) -> torch.Tensor:
-        """Stack ``blocks.{L}.{suffix}`` over the layers that have it: ``[layer ...]``.
-
-        For MoE points only MoE layers are stacked; ``cache.layers(suffix)`` says which.
-        """
-        layers = self.layers(suffix)
-        if not layers:
-            raise KeyError(f"no entry blocks.*.{suffix} in this cache")
-        return torch.stack([self._store[f"blocks.{L}.{suffix}"] for L in layers])
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """A new cache with every tensor moved/cast (integer tensors keep their dtype)."""
-        out = {}
-        for k, v in self._store.items():
-            out[k] = v.to(device=device, dtype=dtype if dtype and v.is_floating_point() else None)
-        return ActivationCache(out)
-
-    def cpu(self) -> ActivationCache:
-        return self.to("cpu")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self._store.values())
-
-    def __repr__(self) -> str:
-        return f"ActivationCache({len(self._store)} entries, {self.nbytes / 2**20:.1f} MiB)"
+def first_edited_layer(model, hook_sets: Sequence[list]) -> int:
+    """The first block any of ``hook_sets`` touches (its hook names say so), or 0 when a hook is named
+    by a predicate or sits before the blocks, or the model cannot start mid-way (tensor parallel)."""
+    if not hasattr(model, "forward_from") or getattr(model, "tp_mesh", None) is not None:
+        return 0
+    layers = []
+    for name, _ in (pair for hooks in hook_sets for pair in hooks):
+        found = _BLOCK.match(name) if isinstance(name, str) else None
+        if found is None:
+            return 0
+        layers.append(int(found.group(1)))
+    return min(layers, default=0)

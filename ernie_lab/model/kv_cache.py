@@ -15,6 +15,10 @@ import torch
 from ernie_lab.model.config import ErnieConfig
 
 
+class CacheError(ValueError):
+    """A KV cache that does not fit the model it is passed to (made for another config)."""
+
+
 class LayerKV:
     """Keys and values of one attention layer: ``[batch kv_head max_pos d_head]`` each."""
 
@@ -106,6 +110,19 @@ class KVCache:
         if any(lkv.k.device != self.key_mask.device for lkv in self.layers):
             raise ValueError("a static KV cache needs every layer on one device")
         self.fill = torch.tensor([self.pos], dtype=torch.long, device=self.key_mask.device)
+
+    def check_fits(self, model) -> None:
+        """Raise :class:`CacheError` when this cache was made for another config than ``model``'s:
+        its number of layers, key/value heads or head size differ (checked before any write)."""
+        cfg = model.config
+        kv_heads = model.blocks[0].self_attn.k_proj.out_features // cfg.d_head
+        want = (cfg.num_hidden_layers, kv_heads, cfg.d_head)
+        got = (len(self.layers), self.layers[0].k.shape[1], self.layers[0].k.shape[3]) if self.layers else (0, 0, 0)
+        if got != want:
+            raise CacheError(
+                f"this KV cache was made for another config: (layers, kv_heads, d_head) = {got}, the model "
+                f"needs {want}; make it with KVCache.for_model(model, batch, max_pos)"
+            )
 
     @property
     def capacity(self) -> int:

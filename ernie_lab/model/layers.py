@@ -166,6 +166,29 @@ class Attention(nn.Module):
         for n in names:
             setattr(self, f"hook_{n}", HookPoint(prefix + f"hook_{n}", layer))
 
+    # TransformerLens' per-head weight views (no copies: they share the projections' storage), so
+    # ``q[h] = x @ W_Q[h]`` before RoPE and ``attn_out = sum_h z[h] @ W_O[h]`` (+ bias)
+    @property
+    def W_Q(self) -> torch.Tensor:
+        """``[head d_model d_head]`` view of ``q_proj.weight``."""
+        return self.q_proj.weight.view(self.n_head, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        """``[kv_head d_model d_head]`` view of ``k_proj.weight`` (GQA: query head h reads kv head
+        ``h // (head / kv_head)``; TransformerLens repeats them, we do not copy)."""
+        return self.k_proj.weight.view(self.n_kv_head, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        """``[kv_head d_model d_head]`` view of ``v_proj.weight``."""
+        return self.v_proj.weight.view(self.n_kv_head, self.d_head, -1).transpose(1, 2)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """``[head d_head d_model]`` view of ``o_proj.weight``."""
+        return self.o_proj.weight.view(-1, self.n_head, self.d_head).permute(1, 2, 0)
+
     def hook_points(self) -> list[HookPoint]:
         return [
             self.hook_q,

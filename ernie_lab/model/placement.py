@@ -94,6 +94,18 @@ def plan_auto(sizes: Mapping[str, int], budgets: Mapping[torch.device, int], tie
     return plan
 
 
+def check_device(device: torch.device) -> torch.device:
+    """``device`` if this machine has it, else a ValueError saying so (torch raises an AssertionError
+    for a CUDA device in a CPU-only build, and much later for a GPU index that does not exist)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"device {str(device)!r} is not available here: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available here (torch.backends.mps.is_available() is False)")
+    return device
+
+
 def make_placement(model: nn.Module, dtype: torch.dtype, device: str | torch.device | None) -> Placement:
     """``device`` None -> CPU; a device -> everything there; ``"auto"`` -> :func:`plan_auto` over the
     visible GPUs by free memory (CPU only when no GPU is visible)."""
@@ -104,6 +116,7 @@ def make_placement(model: nn.Module, dtype: torch.dtype, device: str | torch.dev
             raise ValueError(
                 f"device must be None, 'auto' or a torch device ('cpu', 'cuda:0'...), got {device!r}"
             ) from err
+        check_device(single)
         return lambda key: single
     budgets = gpu_budgets()
     sizes = unit_bytes(model, dtype)

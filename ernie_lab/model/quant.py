@@ -27,7 +27,9 @@ only); the ``quant`` extra is required for every format all the same.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -129,14 +131,17 @@ def resolve_quantization(quantization=None, quantization_config=None) -> tuple[s
     """``(format or None, compute dtype or None)`` from ``quantization`` (``"nf4"``, ``"fp4"``,
     ``"int8"``) or a transformers ``BitsAndBytesConfig`` (read by attribute, so transformers is
     never imported here): ``load_in_4bit`` -> its ``bnb_4bit_quant_type``, ``load_in_8bit`` ->
-    int8, ``bnb_4bit_compute_dtype`` -> the model dtype unless ``dtype=`` says otherwise. Checks that
-    bitsandbytes is importable, so a missing extra fails before any loading."""
+    int8, ``bnb_4bit_compute_dtype`` -> the model dtype unless ``dtype=`` says otherwise
+    (``llm_int8_skip_modules``: :func:`quantization_skip`; any other field set to something this
+    loader does not do is a ValueError naming it). Checks that bitsandbytes is importable, so a
+    missing extra fails before any loading."""
     if quantization is not None and quantization_config is not None:
         raise ValueError("pass quantization= or quantization_config=, not both")
     dtype = None
     if isinstance(quantization_config, str):
         quantization = quantization_config
     elif quantization_config is not None:
+        _check_config_fields(quantization_config)
         if getattr(quantization_config, "load_in_4bit", False):
             quantization = getattr(quantization_config, "bnb_4bit_quant_type", "nf4")
             dtype = getattr(quantization_config, "bnb_4bit_compute_dtype", None)
@@ -153,6 +158,62 @@ def resolve_quantization(quantization=None, quantization_config=None) -> tuple[s
         raise ValueError(f"quantization={quantization!r}: use one of {FORMATS} or None")
     bitsandbytes_functional()
     return quantization.lower(), dtype if isinstance(dtype, torch.dtype) else None
+
+
+# BitsAndBytesConfig fields this loader does not implement, with the value that means "off" (their
+# transformers defaults): any other value is refused by name rather than accepted and ignored
+_UNSUPPORTED = {
+    "bnb_4bit_use_double_quant": (False, "double quantisation of the 4-bit absmax states is not implemented"),
+    "llm_int8_threshold": (6.0, "int8 here is weight-only (per-row absmax), without LLM.int8's outlier split"),
+    "llm_int8_enable_fp32_cpu_offload": (False, 'use offload="experts" (experts in host memory) instead'),
+    "llm_int8_has_fp16_weight": (False, "weights are stored quantized; there is no fp16 master copy"),
+    "bnb_4bit_quant_storage": ("uint8", "4-bit codes are stored two per uint8"),
+}
+_HANDLED = {"quant_method", "load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit", "bnb_4bit_quant_type"}
+_HANDLED |= {"bnb_4bit_compute_dtype", "llm_int8_skip_modules"}
+
+
+def _check_config_fields(config) -> None:
+    """Refuse, by name, every set field of a ``BitsAndBytesConfig`` this loader would not honour; a
+    field this module does not know passes only at its class default (newer transformers fields)."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else getattr(config, "__dict__", {})
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:  # not constructible without arguments: every unknown field must be unset
+        defaults = {}
+    for name, value in fields.items():
+        if name in _HANDLED:
+            continue
+        off, why = _UNSUPPORTED.get(name, (defaults.get(name), "this loader does not implement it"))
+        if str(value).removeprefix("torch.") != str(off).removeprefix("torch."):
+            raise ValueError(f"BitsAndBytesConfig.{name}={value!r} is not supported: {why} (leave it at {off!r})")
+    if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
+        raise ValueError("BitsAndBytesConfig: load_in_4bit and load_in_8bit are exclusive")
+
+
+def quantization_skip(quantization_config=None) -> tuple[str, ...]:
+    """The module path patterns of ``BitsAndBytesConfig.llm_int8_skip_modules`` (empty without one):
+    the modules they match stay in full precision (:func:`quantize_modules`)."""
+    patterns = getattr(quantization_config, "llm_int8_skip_modules", None) if quantization_config else None
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise TypeError(f"llm_int8_skip_modules must be a list of module path patterns, got {patterns!r}")
+    return tuple(patterns)
+
+
+def matches_module(path: str, pattern: str) -> bool:
+    """Whether module ``path`` matches a skip pattern: a run of whole path components (``self_attn``,
+    ``mlp.experts``, ``model.layers.3`` - not ``model.layers.30``), a glob over a path prefix
+    (``model.layers.*.self_attn``), or transformers' rule (a regex from the start up to a module
+    boundary, or a suffix). A match also covers every module below it."""
+    prefixes = [".".join(path.split(".")[:i]) for i in range(1, path.count(".") + 2)]
+    if f".{pattern}." in f".{path}." or any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+        return True
+    try:
+        return bool(re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", path)) or path.endswith(pattern)
+    except re.error:
+        return path.endswith(pattern)
 
 
 def quantization_of(model: nn.Module) -> str | None:
@@ -247,18 +308,25 @@ class QuantExperts(_QuantModule):
 
 
 # ------------------------------------------------------------------------------ model conversion
-def quantize_modules(model: nn.Module, fmt: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+def quantize_modules(
+    model: nn.Module, fmt: str, dtype: torch.dtype, skip: tuple[str, ...] = ()
+) -> dict[str, nn.Module]:
     """Swap, in place, every attention / dense-MLP / shared-expert ``Linear`` for a :class:`QuantLinear`
     and every ``Experts`` for a :class:`QuantExperts`, at the same module paths; the new modules are
     created on the current default device (the loader uses meta and allocates them itself).
     Returns ``{module path: new module}``. The LM head (tied to the embedding in most checkpoints)
-    stays dense."""
+    stays dense, and so does every module a ``skip`` pattern matches (:func:`matches_module`; a pattern
+    that matches no module of the model is a ValueError naming it)."""
+    paths = [path for path, _ in model.named_modules() if path]
+    unmatched = [p for p in skip if not any(matches_module(path, p) for path in paths)]
+    if unmatched:
+        raise ValueError(f"llm_int8_skip_modules {unmatched} match no module of the model (e.g. {paths[-1]!r})")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantized models compute in float32, bfloat16 or float16, not {dtype}")
     codec = codec_for(fmt)
     swapped: dict[str, nn.Module] = {}
     for path, module in list(model.named_modules()):
-        if path == "lm_head":
+        if path == "lm_head" or any(matches_module(path, p) for p in skip):
             continue
         if type(module) is Linear:
             new = QuantLinear(module.in_features, module.out_features, module.bias is not None, codec, dtype)
@@ -272,12 +340,13 @@ def quantize_modules(model: nn.Module, fmt: str, dtype: torch.dtype) -> dict[str
     return swapped
 
 
-def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
+def quantize_model(model: nn.Module, fmt: str, skip: tuple = ()) -> nn.Module:
     """Quantize a loaded model in place (module by module); :func:`ernie_lab.load_model` with
-    ``quantization=`` does the same while reading the checkpoint, without a full-precision copy."""
+    ``quantization=`` does the same while reading the checkpoint, without a full-precision copy.
+    ``skip``: module path patterns kept in full precision (as ``llm_int8_skip_modules``)."""
     dense = {path: m for path, m in model.named_modules() if type(m) in (Linear, Experts) and path != "lm_head"}
     dtype = model.model.embed_tokens.weight.dtype
-    swapped = quantize_modules(model, fmt, dtype)
+    swapped = quantize_modules(model, fmt, dtype, skip)
     with torch.no_grad():
         for path, new in swapped.items():
             old = dense.pop(path)  # freed once converted: peak memory ~ one module above the result

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.noise import fit_through_origin
 from ernie_lab.patching.metrics import Metric, reduce_metric
 from ernie_lab.patching.moe import source_for_expert
 from ernie_lab.patching.setup import RESIDUAL_HOOKS, Hooks, PatchingRuns
@@ -143,3 +144,13 @@ def compare_attribution(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: st
     if len(merged) < 2:
         raise ValueError(f"only {len(merged)} matching rows; a correlation needs at least 2")
     return float(np.corrcoef(merged[f"{value}_exact"], merged[f"{value}_attr"])[0, 1])
+
+
+def attribution_agreement(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> dict[str, float]:
+    """How well attribution patching estimates exact patching over matching rows (NaN rows dropped):
+    Pearson ``r``; the least-squares ``slope`` of attribution on exact through the origin and that fit's
+    ``r2``; ``r2_identity``, the R² of y = x (:func:`ernie_lab.noise.fit_through_origin`; slope 1 and
+    r2_identity 1 = attribution equals exact; r alone hides a systematic under-estimate such as slope
+    0.5); and ``n``. Fewer than two rows: ValueError."""
+    merged = merge_effects(exact_df, attr_df, value)
+    return fit_through_origin(merged[f"{value}_exact"], merged[f"{value}_attr"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from ernie_lab.model.checks import as_ints
 from ernie_lab.patching.attribution import attribute
 from ernie_lab.patching.metrics import Metric
 from ernie_lab.patching.moe import expert_grid, routing_grid
@@ -73,9 +74,7 @@ class PatchingSetup(PatchingRuns):
         Rows: hook, layer, [pos, token,] head, metric, effect.
         """
         n_head = self.model.config.num_attention_heads
-        heads = list(range(n_head)) if heads is None else [int(h) for h in heads]
-        if any(not 0 <= h < n_head for h in heads):
-            raise ValueError(f"heads {heads} must lie in [0, {n_head})")
+        heads = list(range(n_head)) if heads is None else as_ints(heads, "heads", 0, n_head, scalar=True)
         rows, patches = [], []
         for L in self._layers(layers):
             for pos in self._positions(positions) if per_position else [None]:

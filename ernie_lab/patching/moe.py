@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.model.checks import as_ints
 from ernie_lab.patching.metrics import Metric
 from ernie_lab.patching.setup import Hooks, PatchingRuns
 
@@ -62,9 +63,7 @@ def expert_grid(setup: PatchingRuns, layers=None, experts=None) -> pd.DataFrame:
     no forward pass), metric, effect.
     """
     n_expert = setup.model.config.moe_num_experts
-    experts = list(range(n_expert)) if experts is None else [int(e) for e in experts]
-    if any(not 0 <= e < n_expert for e in experts):
-        raise ValueError(f"experts {experts} must lie in [0, {n_expert})")
+    experts = list(range(n_expert)) if experts is None else as_ints(experts, "experts", 0, n_expert, scalar=True)
     rows, todo = [], []
     for L in setup._layers(layers, moe_only=True):
         name = f"blocks.{L}.moe.hook_topk_idx"

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ernie_lab.noise import fit_through_origin
 from ernie_lab.patching.attribution import merge_effects
-from ernie_lab.plots import SIGNED_CMAP, NotebookFigure
+from ernie_lab.plots import SIGNED_CMAP, new_figure, set_title
 
 
 def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str) -> Figure:
@@ -22,17 +23,41 @@ def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: s
     vmax = max(float(finite.max()) if finite.size else 1.0, 1e-9)
     long_labels = max((len(t) for t in xticklabels), default=0) > 3
     height = 0.4 * data.shape[0] + 1.5 + (0.08 * max(len(t) for t in xticklabels) if long_labels else 0)
-    fig = NotebookFigure(figsize=(max(4.0, 0.45 * data.shape[1] + 2.5), max(3.0, height)))
-    ax = fig.subplots()
+    fig, ax = new_figure(figsize=(max(4.0, 0.45 * data.shape[1] + 2.5), max(3.0, height + 0.4)))
     im = ax.imshow(data, cmap=SIGNED_CMAP, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(data.shape[1]), xticklabels, rotation=90 if long_labels else 0)
     ax.set_yticks(range(data.shape[0]), [str(L) for L in table.index])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=value)
-    fig.tight_layout()
+    set_title(ax, title, 9)
+    fig.colorbar(im, ax=ax, label=_value_words(value))
     return fig
+
+
+HOOK_WORDS = {
+    "resid_pre": "residual stream into each block",
+    "resid_mid": "residual stream after attention",
+    "resid_post": "residual stream out of each block",
+    "attn_out": "attention output",
+    "mlp_out": "MLP / MoE output",
+    "z": "attention heads",
+}
+
+
+def _value_words(value: str) -> str:
+    return {"effect": "normalised effect (1 = fully restored)", "metric": "patched metric"}.get(
+        value, value.replace("_", " ")
+    )
+
+
+def _direction(df: pd.DataFrame) -> str:
+    """'denoising (clean into corrupt)' / 'noising (corrupt into clean)' from the frame's direction column."""
+    if "direction" not in df or not len(df):
+        return "direction not recorded"
+    d = str(df["direction"].iloc[0])
+    return {"denoising": "denoising: clean patched into corrupt", "noising": "noising: corrupt patched into clean"}.get(
+        d, d
+    )
 
 
 def plot_patching_heatmap(df: pd.DataFrame, value: str = "effect", tokens=None, title: str | None = None) -> Figure:
@@ -53,8 +78,10 @@ def plot_patching_heatmap(df: pd.DataFrame, value: str = "effect", tokens=None, 
         if tokens is None
         else [f"{t} ({p})" for p, t in zip(table.columns, tokens, strict=True)]
     )
-    hook = df["hook"].iloc[0] if "hook" in df else "patch"
-    return _heatmap(table, title or f"{hook}: {value}", "position", labels, value)
+    hook = str(df["hook"].iloc[0]) if "hook" in df else ""
+    where = HOOK_WORDS.get(hook, hook.replace("_", " ") or "activation")
+    default = f"patching the {where} per layer and position\n{_value_words(value)}, {_direction(df)}"
+    return _heatmap(table, title or default, "position (token)", labels, value)
 
 
 def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = None) -> Figure:
@@ -63,25 +90,33 @@ def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = 
     if missing:
         raise ValueError(f"the frame lacks columns {sorted(missing)} (a head grid is needed)")
     table = df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean", dropna=False)
-    return _heatmap(table, title or f"heads: {value}", "head", [str(h) for h in table.columns], value)
+    default = f"patching each attention head's output\n{_value_words(value)}, {_direction(df)}"
+    return _heatmap(table, title or default, "attention head", [str(h) for h in table.columns], value)
 
 
 def plot_attribution_vs_exact(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> Figure:
-    """Scatter of attribution-patching estimates against exact patching, with y = x and Pearson r."""
+    """Scatter of attribution-patching estimates against exact patching, with y = x, the least-squares
+    line through the origin, and r, its slope and the R² of y = x (``attribution_agreement``) in the title."""
     merged = merge_effects(exact_df, attr_df, value).dropna()
     x, y = merged[f"{value}_exact"].to_numpy(), merged[f"{value}_attr"].to_numpy()
-    fig = NotebookFigure(figsize=(4.5, 4.5))
-    ax = fig.subplots()
+    fig, ax = new_figure(figsize=(5.0, 4.8))
     color = merged.get("layer")
     points = ax.scatter(x, y, c=color, cmap="viridis", s=18)
     if color is not None:
         fig.colorbar(points, ax=ax, label="layer")
     both = np.concatenate([x, y]) if len(x) else np.zeros(1)
     lo, hi = float(both.min()), float(both.max())
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
-    r = np.corrcoef(x, y)[0, 1] if len(x) > 1 else float("nan")
-    ax.set_xlabel(f"exact {value}")
-    ax.set_ylabel(f"attribution {value}")
-    ax.set_title(f"attribution vs exact (r = {r:.3f}, n = {len(x)})")
-    fig.tight_layout()
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x (attribution = exact)")
+    fit = fit_through_origin(x, y) if len(x) > 1 else {"r": np.nan, "slope": np.nan, "r2_identity": np.nan}
+    if np.isfinite(fit["slope"]):
+        ax.plot([lo, hi], [fit["slope"] * lo, fit["slope"] * hi], color="k", lw=1, label="least squares through 0")
+    ax.legend(fontsize=7)
+    words = value.replace("_", " ")
+    ax.set_xlabel(f"exact patching: normalised {words}" if value == "effect" else f"exact patching: {words}")
+    ax.set_ylabel(f"attribution patching estimate: {words}")
+    ax.set_title(
+        f"attribution vs exact patching (n = {len(x)})\nr = {fit['r']:.3f}, slope = {fit['slope']:.3f}, "
+        f"R² against y = x: {fit['r2_identity']:.3f}",
+        fontsize=10,
+    )
     return fig

@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ernie_lab.model.checks import as_ints
+from ernie_lab.model.hook_points import first_edited_layer
 from ernie_lab.patching.metrics import Metric, reduce_metric
 from ernie_lab.plots import sequence_tokens, token_label
 
@@ -143,7 +145,7 @@ class PatchingRuns:
         allowed = cfg.moe_layers if moe_only else list(range(self.n_layers))
         if layers is None:
             return allowed
-        layers = [int(L) for L in ([layers] if isinstance(layers, int) else layers)]
+        layers = as_ints(layers, "layers", scalar=True)
         for L in layers:
             if L not in allowed:
                 kind = "MoE layers" if moe_only else "layers"
@@ -154,7 +156,7 @@ class PatchingRuns:
         if positions is None:
             return list(range(self.n_pos))
         out = []
-        for p in [positions] if isinstance(positions, int) else positions:
+        for p in as_ints(positions, "positions", scalar=True):
             if not -self.n_pos <= p < self.n_pos:
                 raise ValueError(f"position {p} is outside the {self.n_pos} input positions")
             out.append(p % self.n_pos)
@@ -167,6 +169,7 @@ class PatchingRuns:
             df.insert(list(df.columns).index("pos") + 1, "token", [labels[p] for p in df["pos"]])
         df["metric"] = metrics
         df["effect"] = self.effect(metrics)
+        df["direction"] = self.direction  # denoising: clean patched into corrupt; noising: the reverse
         return df
 
     # ------------------------------------------------------------------------ batched runs
@@ -182,8 +185,17 @@ class PatchingRuns:
         b, out = self.n_prompts, []
         for chunk in tqdm(chunks, desc=desc, disable=not self.progress, leave=False):
             ids = self.base_ids.repeat(len(chunk), 1)
+            hooks = self.fwd_hooks + make_hooks(chunk)
+            start = first_edited_layer(self.model, [hooks])  # blocks before it are the base run's: reuse them
             with torch.no_grad():
-                logits = self.model.run_with_hooks(ids, fwd_hooks=self.fwd_hooks + make_hooks(chunk))
+                if start:
+                    name = f"blocks.{start}.hook_resid_pre"
+                    every = [f"blocks.{L}.hook_resid_pre" for L in range(len(self.model.blocks))]
+                    resid = self.acts("base", every)[name].repeat(len(chunk), 1, 1)
+                    with self.model.hooks(hooks):
+                        logits = self.model.forward_from(start, resid, ids)
+                else:
+                    logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
                 out += [reduce_metric(self.metric(logits[i * b : (i + 1) * b])).item() for i in range(len(chunk))]
         return np.asarray(out, dtype=np.float64)
 

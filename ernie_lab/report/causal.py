@@ -76,8 +76,11 @@ def run_attribution(ctx: Context, opts: dict, sec: Section) -> None:
     sec.table("comparison", merged, "normalised effect: exact patching vs attribution patching")
     sec.figure("scatter", pt.plot_attribution_vs_exact(exact, estimate), f"hook_{hook}, every layer and position")
     try:
+        fit = pt.attribution_agreement(exact, estimate)
         sec.note(
-            f"Pearson correlation of exact and attribution effects: {pt.compare_attribution(exact, estimate):.4f}."
+            f"Attribution vs exact over {fit['n']} (layer, position) cells: Pearson r = {fit['r']:.4f}; "
+            f"least-squares slope through the origin = {fit['slope']:.4f} (1 = no systematic under- or "
+            f"over-estimate); R² against y = x = {fit['r2_identity']:.4f}."
         )
     except ValueError as err:  # fewer than two finite points
         sec.note(str(err))
@@ -94,21 +97,31 @@ def run_dla(ctx: Context, opts: dict, sec: Section) -> None:
 
 # --------------------------------------------------------------------------------------- ablation
 def _importance(ctx: Context, dataset: str, layers: list[int], mode: str) -> pd.DataFrame:
-    """Importance rows of ``layers``; each (dataset, layer, mode) is computed once per report."""
+    """Importance rows of ``layers`` (ranked on one half of the texts, measured on the other); each
+    (dataset, layer, mode) is computed once per report, the missing layers together in one run (one
+    base pass; a layer's rows do not depend on which layers share the run)."""
     data = ctx.texts(dataset)
-    frames = []
-    for L in layers:
-        compute = lambda L=L: ab.expert_importance(
-            ctx.model, data.texts, [L], mode, tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False
-        )
-        frames.append(ctx.memo(("importance", dataset, L, mode), compute))
-    return pd.concat(frames, ignore_index=True)
+    missing = [L for L in layers if not ctx.has(("importance", dataset, L, mode))]
+    if missing:
+        df = ab.expert_importance(
+            ctx.model, data.texts, missing, mode, tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False,
+            seed=ctx.spec["seed"],
+        )  # fmt: skip
+        for L in missing:
+            ctx.memo(("importance", dataset, L, mode), lambda L=L: df[df["layer"] == L].reset_index(drop=True))
+    return pd.concat([ctx.memo(("importance", dataset, L, mode), None) for L in layers], ignore_index=True)
 
 
 def run_expert_importance(ctx: Context, opts: dict, sec: Section) -> None:
     layers = ctx.moe_layers(opts["layers"], f"analyses.{sec.id}.layers")
     df = _importance(ctx, opts["dataset"], layers, opts["mode"])
-    sec.table("importance", df, "rank 1 = largest Δloss in its layer; load = share of routing slots")
+    sec.table("importance", df, "rank from the discover half; Δloss and its interval on the other half")
+    experts = df[~df["control"]]
+    above = experts[experts["ci_low"] > 0]
+    sec.note(
+        f"{df['split'].iloc[0]}. {len(above)} of {len(experts)} experts raise the loss with a bootstrap interval "
+        "above 0; control rows: random experts of the same layer (the noise floor)."
+    )
     if len(layers) > 1:
         sec.figure("all_layers", ab.plot_importance(df), "Δloss per layer and expert")
     for L in layers:
@@ -119,13 +132,13 @@ def run_pruning_curve(ctx: Context, opts: dict, sec: Section) -> None:
     layer = ctx.moe_layers(opts["layer"], f"analyses.{sec.id}.layer")[0]
     data = ctx.texts(opts["dataset"])
     importance = None
-    if opts["order_by"] == "importance":
+    if opts["order_by"] == "importance":  # same dataset, same split: ranked on the discover half
         importance = _importance(ctx, opts["dataset"], [layer], opts["mode"])
     df = ab.pruning_curve(
         ctx.model, data.texts, layer, opts["order_by"], opts["steps"], opts["mode"], importance=importance,
-        tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False,
+        tokenizer=ctx.tokenizer, batch_size=ctx.batch_size, progress=False, seed=ctx.spec["seed"],
     )  # fmt: skip
-    sec.table("curve", df, "ablated: the experts ablated together at each step")
+    sec.table("curve", df, "ablated: the experts ablated together at each step; random: the control")
     sec.figure("loss", ab.plot_pruning_curve(df), f"layer {layer}, ordered by {opts['order_by']}")
 
 
@@ -137,15 +150,10 @@ def run_ablation_effect(ctx: Context, opts: dict, sec: Section) -> None:
     ctx.moe_layers(list(experts), f"analyses.{sec.id}.experts")
     df = ab.ablation_effect(
         ctx.model, data.texts, experts, opts["mode"], groups=data.groups, tokenizer=ctx.tokenizer,
-        batch_size=ctx.batch_size, progress=False,
+        batch_size=ctx.batch_size, progress=False, seed=ctx.spec["seed"],
     )  # fmt: skip
-    sec.table("effect", df, "mean NLL per predicted token without and with the ablation, and the KL")
-    sec.figure(
-        "delta_loss",
-        bar_figure(
-            df["group"].tolist(), df["delta_loss"], f"ablating {df['experts'][0]}", "Δloss (nats)", xlabel="token group"
-        ),
-    )
+    sec.table("effect", df, "mean NLL per predicted token without and with the ablation; control: random experts")
+    sec.figure("delta_loss", ab.plot_ablation_effect(df))
 
 
 RUNNERS = {

@@ -65,6 +65,10 @@ class Context:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def has(self, key: Any) -> bool:
+        """Whether ``key`` was computed already."""
+        return key in self._memo
+
     def texts(self, name: str) -> TextData:
         data = self.datasets[name]
         if not isinstance(data, TextData):

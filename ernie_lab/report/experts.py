@@ -4,6 +4,8 @@ resolved options and the :class:`~ernie_lab.report.context.Section` to fill."""
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import torch
 
@@ -92,15 +94,24 @@ def run_risk_difference(ctx: Context, opts: dict, sec: Section) -> None:
     a, b = opts["group_a"] or groups[0], opts["group_b"] or groups[-1]
     if a not in groups or b not in groups:
         raise SpecError(f"analyses.{sec.id}: groups {a!r}, {b!r} must be among {groups}")
-    rd = ex.risk_frame(r, torch.as_tensor(r.groups == a), r, torch.as_tensor(r.groups == b))
-    sec.table("risk_difference", rd, f"p_a: selection rate on {a!r}, p_b: on {b!r}; rd = p_a - p_b")
+    rd = ex.risk_frame(r, torch.as_tensor(r.groups == a), r, torch.as_tensor(r.groups == b), seed=ctx.spec["seed"])
+    sec.table(
+        "risk_difference",
+        rd,
+        f"p_a: selection rate on {a!r}, p_b: on {b!r}; rd = p_a - p_b on the discover half, rd_heldout on the other",
+    )
     sec.figure("risk_difference", ex.plot_risk_difference(rd, opts["top"]), f"set A = {a!r}, set B = {b!r}")
     on, off = ex.steering_sets(rd, n=opts["steer"])
     data = ctx.texts(opts["dataset"])
     prompt = next(t for t, g in zip(data.texts, data.groups, strict=True) if g == b)
     ids = torch.tensor([ctx.tokenizer.encode(prompt)[: opts["prompt_tokens"]]])
     rows = []
-    for label, hooks in (("plain", []), (f"steered towards {a}", steer_experts(ctx.model, on=on, off=off))):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        steered = steer_experts(ctx.model, on=on, off=off)
+    for w in caught:
+        sec.note(f"Warning: {w.message}")
+    for label, hooks in (("plain", []), (f"steered towards {a}", steered)):
         out = ctx.model.generate(ids, max_new_tokens=opts["max_new_tokens"], fwd_hooks=hooks, progress=False)
         rows.append({"run": label, "continuation": ctx.tokenizer.decode(out[0, ids.shape[1] :].tolist())})
     sec.table("steering", pd.DataFrame(rows), f"greedy continuation of a {b!r} prompt; on={on}, off={off}")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ernie_lab import routing as rt
-from ernie_lab.ablation.effects import token_nll
-from ernie_lab.io.datasets import as_sequences, iter_batches
+from ernie_lab.ablation.core import run_per_sequence
+from ernie_lab.ablation.effects import summarise
+from ernie_lab.io.datasets import as_sequences
 from ernie_lab.plots import diverging_heatmap, line_figure
 from ernie_lab.recipes import load_recipe
 from ernie_lab.report.context import Context, Section, normalise_params
@@ -18,26 +18,25 @@ from ernie_lab.routing.stats import load_difference
 
 
 # --------------------------------------------------------------------------------------- helpers
-def mean_nll(model, texts, tokenizer, groups=None, fwd_hooks=(), batch_size: int = 8) -> pd.DataFrame:
-    """Mean next-token NLL over the predicted tokens of ``texts``, overall and per group.
+def recipe_loss(model, texts, tokenizer, groups, fwd_hooks, batch_size: int, seed: int) -> pd.DataFrame:
+    """Mean next-token NLL over the predicted tokens of ``texts`` without and with ``fwd_hooks``, overall
+    and per group, from one shared base pass (the hooked runs start at their first edited block), with
+    the bootstrap interval of the change over sequences.
 
-    Columns: group ("all" first), n_tokens, nll.
+    Columns: group ("all" first), n_tokens, n_seq, nll_base, nll_recipe, delta_loss, ci_low, ci_high.
     """
     sequences = as_sequences(texts, tokenizer)
-    labels = ["all"] * len(sequences) if groups is None else list(groups)
-    sums: dict[str, list[float]] = {}
-    for ids, mask, rows in iter_batches(sequences, batch_size, model.config.pad_token_id or 0):
-        nll = token_nll(model, ids, mask, fwd_hooks)
-        for i, row in enumerate(rows):
-            values = nll[i][~torch.isnan(nll[i])].double()
-            for g in dict.fromkeys(("all", labels[row])):
-                total = sums.setdefault(g, [0.0, 0.0])
-                total[0] += float(values.sum())
-                total[1] += values.numel()
-    names = ["all", *sorted(g for g in sums if g != "all")]
-    return pd.DataFrame(
-        {"group": names, "n_tokens": [int(sums[g][1]) for g in names], "nll": [sums[g][0] / sums[g][1] for g in names]}
-    )
+    per = run_per_sequence(model, sequences, [list(fwd_hooks)], batch_size, progress=False)
+    labels = np.asarray(["all"] * len(sequences) if groups is None else list(groups), dtype=object)
+    names = ["all", *sorted({str(g) for g in labels} - {"all"})]
+    rows = []
+    for i, g in enumerate(names):
+        where = np.arange(len(sequences)) if g == "all" else np.flatnonzero(labels.astype(str) == g)
+        s = summarise(per, where, per.ablated.numpy(), per.kl.numpy(), level=0.95, n_boot=1000, seed=seed + i)
+        rows.append({"group": g, "n_tokens": s["n_tokens"], "n_seq": s["n_seq"], "nll_base": s["nll_base"],
+                     "nll_recipe": s["nll_ablated"][0], "delta_loss": s["delta_loss"][0],
+                     "ci_low": s["ci_low"][0], "ci_high": s["ci_high"][0]})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------- runners
@@ -125,11 +124,8 @@ def run_recipe_comparison(ctx: Context, opts: dict, sec: Section) -> None:
     sec.table("load_difference", diff, "load without (base) and with the recipe (other) per expert")
     agreement = rt.routing_agreement(base, other)
     sec.table("agreement", agreement, "overlap: mean share of a token's k experts kept; identical: same set")
-    before = mean_nll(ctx.model, data.texts, ctx.tokenizer, data.groups, batch_size=ctx.batch_size)
-    after = mean_nll(ctx.model, data.texts, ctx.tokenizer, data.groups, hooks, ctx.batch_size)
-    loss = before.rename(columns={"nll": "nll_base"}).assign(nll_recipe=after["nll"].to_numpy())
-    loss["delta_loss"] = loss["nll_recipe"] - loss["nll_base"]
-    sec.table("loss", loss, "mean next-token NLL per group without and with the recipe")
+    loss = recipe_loss(ctx.model, data.texts, ctx.tokenizer, data.groups, hooks, ctx.batch_size, ctx.spec["seed"])
+    sec.table("loss", loss, "mean next-token NLL per group without and with the recipe; interval over sequences")
     sec.figure(
         "load_difference", diverging_heatmap(diff, "layer", "expert", "diff", f"load change under {opts['recipe']}")
     )

@@ -38,11 +38,13 @@ from ernie_lab.io.atomic import check_destination, destination, replace_dir, sta
 from ernie_lab.io.sources import resolve_source
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.io.weights import load_model
+from ernie_lab.model.config import ErnieConfig
 from ernie_lab.report.causal import RUNNERS as CAUSAL
 from ernie_lab.report.context import Context, Section
 from ernie_lab.report.data import PairBatch, PairData, TextData, pair_batch, resolve_dataset
 from ernie_lab.report.experts import RUNNERS as EXPERTS
 from ernie_lab.report.html import render
+from ernie_lab.report.options import check_against_config
 from ernie_lab.report.routing import RUNNERS as ROUTING
 from ernie_lab.report.spec import DEFAULT_SPEC, KINDS, SpecError, load_spec, resolve_spec
 
@@ -84,6 +86,8 @@ def run_report(
     tokenizer = load_tokenizer(resolved["tokenizer"] or resolved["model"])
     datasets = {name: resolve_dataset(name, ds, resolved["seed"]) for name, ds in resolved["datasets"].items()}
     _check_dataset_kinds(resolved["analyses"], datasets)
+    config = ErnieConfig.from_hf(resolve_source(resolved["model"], allow_patterns=["config.json"]))
+    check_against_config(resolved["analyses"], config)  # layers, expert ids, lengths: before the weights load
     model = load_model(resolved["model"], dtype=resolved["dtype"], device=resolved["device"])
 
     ctx = Context(model, tokenizer, resolved, datasets)

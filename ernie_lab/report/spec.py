@@ -42,6 +42,7 @@ import yaml
 from ernie_lab.io.sources import data_dir
 from ernie_lab.io.weights import parse_dtype
 from ernie_lab.recipes import is_recipe_name, list_recipes, load_recipe
+from ernie_lab.report.options import SpecError, check_dataset, check_local_config, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,6 @@ DATASET_KEYS = {
 # without a quick block, --quick keeps this many rows of each dataset
 QUICK_LIMIT = 8
 REQUIRED = object()
-
-
-class SpecError(ValueError):
-    """A report spec that cannot be run; the message names the offending key or value."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +297,7 @@ def resolve_spec(spec: dict | str | Path | None, quick: bool = False, trust_reci
         ):
             raise SpecError(f"{key}: must be an integer >= {low}, got {value!r}")
     _check_scalars(out)
+    check_local_config(out["model"], out["analyses"])  # a hub model: checked before its weights load
     return out
 
 
@@ -352,11 +350,9 @@ def _datasets(datasets: Any, cap: bool) -> dict:
         sources = [k for k in ("prompt_set", "texts", "pairs") if ds.get(k) is not None]
         if len(sources) != 1:
             raise SpecError(f"{where}: give exactly one of prompt_set, texts, pairs (got {sources or 'none'})")
+        check_dataset(where, ds)
         if "prompt_set" in ds:
             _check_prompt_set(ds["prompt_set"], where)
-        for key in ("per_group", "limit"):
-            if ds.get(key) is not None and (not isinstance(ds[key], int) or ds[key] < 1):
-                raise SpecError(f"{where}.{key}: must be a positive integer, got {ds[key]!r}")
         ds = dict(ds)
         if cap:
             ds["limit"] = min(ds.get("limit") or QUICK_LIMIT, QUICK_LIMIT)
@@ -397,6 +393,7 @@ def _analyses(analyses: Any, datasets: dict, trust_recipes: bool) -> dict:
             raise SpecError(
                 f"{where}.dataset: no dataset {resolved['dataset']!r}; defined: {', '.join(datasets) or 'none'}"
             )
+        check_options(where, kind, resolved)
         if "recipe" in resolved:
             _check_recipe(resolved["recipe"], where, trust_recipes)
         out[str(sid)] = resolved
@@ -416,5 +413,5 @@ def _check_recipe(name: Any, where: str, trust: bool) -> None:
         logger.warning("%s.recipe: running Python code from %s (trusted recipe file)", where, name)
     try:
         load_recipe(name)
-    except (FileNotFoundError, AttributeError) as err:
+    except (FileNotFoundError, AttributeError, ValueError) as err:
         raise SpecError(f"{where}.recipe: {err}") from err

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ernie_lab.distributed.data import data_split
 from ernie_lab.io.datasets import as_sequences, check_batch_size, iter_batches, token_groups
+from ernie_lab.model.checks import check_finite as _check_finite
 from ernie_lab.routing.record import Routing
 
 
@@ -35,6 +36,7 @@ def collect_routing(
     progress: bool = True,
     fwd_hooks: Iterable[tuple[Any, Any]] = (),
     data_parallel: bool | None = None,
+    check_finite: bool = True,
 ) -> Routing:
     """Run ``model`` over a dataset and record every MoE layer's routing on the real tokens.
 
@@ -45,6 +47,9 @@ def collect_routing(
         data_parallel: split the sequences over the processes of a process group and combine the
             records on every process (see :func:`ernie_lab.distributed.data_split`; None = when a
             group is up and the model is not tensor-parallel).
+        check_finite: NaN or inf at a router point or in the routed/shared output of a real token
+            raises ``NonFiniteError`` naming the layer and hook point, at the batch where it
+            appears (False records them as they are).
 
     Only the router points (``hook_router_probs``, ``hook_topk_idx``, ``hook_topk_weights``) are
     read, and per-token L2 norms of ``hook_routed_out`` / ``hook_shared_out`` and their cosine are
@@ -68,21 +73,28 @@ def collect_routing(
         real = state["real"].to(x.device)
         parts[key][layers.index(layer)].append(x[real].detach().cpu())
 
+    def finite(x: torch.Tensor, hook) -> torch.Tensor:
+        if check_finite:
+            _check_finite(x[state["real"].to(x.device)], f"{hook.name} (layer {hook.layer}), collect_routing")
+        return x
+
     def on_probs(x, hook):
-        keep("probs", x.float(), hook.layer)
+        keep("probs", finite(x, hook).float(), hook.layer)
 
     def on_idx(x, hook):
         keep("idx", x, hook.layer)
 
     def on_weights(x, hook):
-        keep("weights", x.float(), hook.layer)
+        keep("weights", finite(x, hook).float(), hook.layer)
 
     def on_routed(x, hook):
-        state["routed"] = x
+        state["routed"] = finite(x, hook)
         if not has_shared:
             on_shared(torch.full_like(x, float("nan")), hook)
 
     def on_shared(x, hook):
+        if has_shared:
+            finite(x, hook)
         routed, shared = state.pop("routed").float(), x.float()
         keep("routed_norm", routed.norm(dim=-1), hook.layer)
         keep("shared_norm", shared.norm(dim=-1), hook.layer)
@@ -130,4 +142,5 @@ def collect_routing(
         shared_norm=stacked["shared_norm"],
         routed_norm=stacked["routed_norm"],
         cosine=stacked["cosine"],
+        check_finite=check_finite,
     )

@@ -9,10 +9,14 @@ Memory: ``probs`` is fp32 ``[layer N expert]`` on the CPU, 4 * layers * experts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
+
+from ernie_lab.model.checks import as_int
+from ernie_lab.model.checks import check_finite as _check_finite
 
 
 @dataclass
@@ -32,6 +36,9 @@ class Routing:
         token (domain, dataset, ...) or None; shared_norm / routed_norm / cosine ``[layer N]``:
         L2 norms of the shared and routed outputs and the cosine between them (None when not
         recorded; shared_norm and cosine are NaN for models without shared experts).
+
+    ``check_finite`` (default True): NaN or inf in ``probs``, ``weights`` or ``routed_norm`` raises
+    ``NonFiniteError`` naming the layer and hook point, so no statistic is computed on them.
     """
 
     layers: list[int]
@@ -46,6 +53,7 @@ class Routing:
     shared_norm: torch.Tensor | None = None
     routed_norm: torch.Tensor | None = None
     cosine: torch.Tensor | None = None
+    check_finite: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         self.layers = [int(L) for L in self.layers]
@@ -81,6 +89,11 @@ class Routing:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has length {len(value)}, expected N={n}")
+        if self.check_finite:
+            for name, point in (("probs", "router_probs"), ("weights", "topk_weights"), ("routed_norm", "routed_out")):
+                if getattr(self, name) is not None:
+                    where = f"Routing.{name}: blocks.{{layer}}.moe.hook_{point}"
+                    _check_finite(getattr(self, name), where, self.layers, "check_finite=False")
 
     @property
     def n_tokens(self) -> int:
@@ -98,10 +111,40 @@ class Routing:
         return self.n_tokens
 
     def layer_index(self, layer: int) -> int:
-        """Position of MoE layer ``layer`` along the ``layer`` axis."""
+        """Position of MoE layer ``layer`` (an integer, never a float or string) along the ``layer`` axis."""
+        layer = as_int(layer, "layer")
         if layer not in self.layers:
             raise KeyError(f"layer {layer} is not recorded; recorded MoE layers: {self.layers}")
         return self.layers.index(layer)
+
+    def to_frame(self, tokenizer=None) -> pd.DataFrame:
+        """One row per token x MoE layer x top-k slot, in reading order then layer then slot.
+
+        Columns: seq (sequence in the dataset), pos (position among its real tokens), token_id,
+        token (readable text via ``tokenizer.convert_ids_to_tokens`` when a tokenizer is given, e.g.
+        ``model.tokenizer``; else None), group (when recorded), layer, slot (0 = highest weight),
+        expert, weight (mixing weight) and prob (the router's unbiased probability of that expert).
+        """
+        n_layer, n, k = self.idx.shape
+        order = (n, n_layer, k)  # token-major: reading order, then layer, then slot
+
+        def per_token(values) -> np.ndarray:
+            return np.repeat(np.asarray(values), n_layer * k)
+
+        frame = {
+            "seq": per_token(self.seq.numpy()),
+            "pos": per_token(self.pos.numpy()),
+            "token_id": per_token(self.token_ids.numpy()),
+            "token": per_token(tokenizer.convert_ids_to_tokens(self.token_ids) if tokenizer else [None] * n),
+        }
+        if self.groups is not None:
+            frame["group"] = per_token(self.groups)
+        frame["layer"] = np.broadcast_to(np.asarray(self.layers)[None, :, None], order).reshape(-1)
+        frame["slot"] = np.broadcast_to(np.arange(k)[None, None, :], order).reshape(-1)
+        frame["expert"] = self.idx.permute(1, 0, 2).reshape(-1).numpy()
+        frame["weight"] = self.weights.permute(1, 0, 2).reshape(-1).float().numpy()
+        frame["prob"] = self.probs.gather(-1, self.idx).permute(1, 0, 2).reshape(-1).numpy()
+        return pd.DataFrame(frame)
 
     def __repr__(self) -> str:
         return (

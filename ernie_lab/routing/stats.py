@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.model.checks import as_count
 from ernie_lab.routing.persistence import consecutive
 from ernie_lab.routing.record import Routing
 
@@ -180,7 +181,7 @@ def coactivation(r: Routing, layer: int | None = None) -> pd.DataFrame:
     """Tidy co-activation: one row per (layer, i, j) with ``count`` and ``frac`` = C[i, j]
     (see :func:`coactivation_matrix`). ``layer=None`` gives every recorded layer."""
     _require_tokens(r)
-    layers = r.layers if layer is None else [layer]
+    layers = r.layers if layer is None else [r.layers[r.layer_index(layer)]]
     n_expert = r.n_experts
     frames = []
     for L in layers:
@@ -246,9 +247,18 @@ def vocab_specialisation(
     Columns: layer, expert, rank (1 = highest lift), token_id, [token], n_v, hits, vspec, lift.
     ``token`` (readable string) is added when a tokenizer is given.
     """
+    min_count, top = as_count(min_count, "min_count", low=1), as_count(top, "top", low=1)
     if key == "next_token":
         t, nxt = consecutive(r)
-        r = Routing(r.layers, r.probs[:, t], r.idx[:, t], r.weights[:, t], r.bias, token_ids=r.token_ids[nxt])
+        r = Routing(
+            r.layers,
+            r.probs[:, t],
+            r.idx[:, t],
+            r.weights[:, t],
+            r.bias,
+            token_ids=r.token_ids[nxt],
+            check_finite=r.check_finite,
+        )
     elif key != "token":
         raise ValueError(f"key must be 'token' or 'next_token', got {key!r}")
     _require_tokens(r)

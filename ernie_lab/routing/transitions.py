@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ernie_lab.model.checks import as_count, as_ints
 from ernie_lab.routing.record import Routing
 from ernie_lab.routing.stats import _require_tokens, _token_strings
 
@@ -31,6 +32,7 @@ def transitions(r: Routing, layer_a: int, layer_b: int) -> pd.DataFrame:
     ``lift = prob / P(top1_b = j)`` (1 = independence). Columns: layer_a, layer_b, i, j, count, prob, lift;
     ``df.attrs["nmi"]`` holds the pair's normalised mutual information (:func:`nmi`)."""
     counts = transition_counts(r, layer_a, layer_b)
+    layer_a, layer_b = int(layer_a), int(layer_b)  # integers: checked by layer_index
     prob = counts / counts.sum(1, keepdim=True)
     marginal_b = counts.sum(0) / counts.sum()
     n = r.n_experts
@@ -86,9 +88,11 @@ def paths(
 
     Columns: rank, path (experts, one per layer, joined by ``>``), count, frac (of all tokens),
     examples (up to ``examples`` distinct token ids, or strings with a ``tokenizer``, that took it).
+    ``top`` >= 1 and ``examples`` >= 0 are integers; ``layers`` recorded layer ids.
     """
+    top, examples = as_count(top, "top", low=1), as_count(examples, "examples")
     _require_tokens(r)
-    layers = list(r.layers if layers is None else layers)
+    layers = list(r.layers) if layers is None else as_ints(layers, "layers")
     top1 = torch.stack([r.idx[r.layer_index(L), :, 0] for L in layers], dim=1)  # [N layer]
     unique, inverse, counts = torch.unique(top1, dim=0, return_inverse=True, return_counts=True)
     order = sorted(range(len(unique)), key=lambda u: (-int(counts[u]), unique[u].tolist()))[:top]

@@ -1,4 +1,5 @@
-"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer.
+"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer; and the
+dissociation table that shows its specialised experts are causal (``dissociation``).
 
 Corpus and prompt sets are re-exported here; the tokenizer trainer lives in
 ``ernie_lab.toy.tokenizer_train`` (``build_toy_tokenizer``, ``train_tokenizer``, ``save_tokenizer``).
@@ -31,6 +32,7 @@ __all__ = [
     "TASKS",
     "WORLD",
     "corpus_stats",
+    "dissociation",
     "format_chat",
     "generate_documents",
     "heldout_domains",
@@ -42,3 +44,12 @@ __all__ = [
     "training_corpus",
     "write_prompt_sets",
 ]
+
+
+def __getattr__(name: str):
+    # the dissociation table needs the analysis wings; load them only when it is asked for
+    if name in ("dissociation", "plot_dissociation"):
+        from ernie_lab.toy import causal
+
+        return getattr(causal, name)
+    raise AttributeError(f"module 'ernie_lab.toy' has no attribute {name!r}")

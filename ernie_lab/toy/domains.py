@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from dataclasses import dataclass
 from string import Template
 
 from ernie_lab.toy.world import COLOURS, PETS, WORLD
@@ -36,27 +37,77 @@ def chinese_name(rng: random.Random) -> str:
     return rng.choice(_SURNAMES) + rng.choice(_GIVEN)
 
 
+@dataclass(frozen=True)
+class ChinesePerson:
+    """One resident of the Chinese fact table: every document says the same about them."""
+
+    name: str
+    job: str
+    city: str
+    hobby: str
+    age: int
+    colour: str
+
+
+def _chinese_people(n: int = 96, seed: int = 4_5_86) -> tuple[ChinesePerson, ...]:
+    """A fixed table of ``n`` people with distinct names, built once from ``seed`` (never a corpus seed).
+
+    The facts are knowledge the corpus repeats and only memory can supply: the toy model must store
+    them somewhere, and the routed experts its Chinese tokens use are the natural place.
+    """
+    rng = random.Random(seed)
+    names = rng.sample([s + g for s in _SURNAMES for g in _GIVEN], n)
+    return tuple(
+        ChinesePerson(
+            name,
+            rng.choice(_CN_JOBS),
+            rng.choice(_CN_PLACES),
+            rng.choice(_CN_HOBBIES),
+            rng.randint(6, 80),
+            rng.choice(_CN_COLOURS),
+        )
+        for name in names
+    )
+
+
+CN_PEOPLE = _chinese_people()
+
+
+def _chinese_fact(rng: random.Random) -> str:
+    """A sentence stating facts of one person of ``CN_PEOPLE`` (the same facts in every document)."""
+    p = rng.choice(CN_PEOPLE)
+    choices = (
+        f"{p.name}是一名{p.job}，住在{p.city}。",
+        f"{p.name}住在{p.city}，是一名{p.job}。",
+        f"{p.name}的工作是{p.job}。",
+        f"{p.name}喜欢{p.hobby}。",
+        f"{p.name}每天{rng.choice(_CN_DAILY)}都要{p.hobby}。",
+        f"{p.name}今年{p.age}岁。",
+        f"{p.name}最喜欢{p.colour}。",
+        f"{p.name}的家在{p.city}。",
+    )
+    return rng.choice(choices)
+
+
 def _chinese_sentence(rng: random.Random) -> str:
+    """Mostly facts of the table; the rest free sentences about random people (not memorisable)."""
+    if rng.random() < 0.7:
+        return _chinese_fact(rng)
     n, n2 = chinese_name(rng), chinese_name(rng)
     place, t = rng.choice(_CN_PLACES), rng.choice(_CN_TIMES)
     measure, obj = rng.choice(_CN_OBJECTS)
-    hobby, hobby2 = rng.sample(_CN_HOBBIES, 2)
     choices = (
-        f"{n}是一名{rng.choice(_CN_JOBS)}，住在{place}。",
         f"{t}{n}在{place}买了{rng.choice(_CN_COUNTS)}{measure}{obj}。",
-        f"{n}喜欢{hobby}，{n2}喜欢{hobby2}。",
-        f"{place}{t}{rng.choice(_CN_WEATHER)}，{n}决定在家{hobby}。",
+        f"{place}{t}{rng.choice(_CN_WEATHER)}，{n}决定在家{rng.choice(_CN_HOBBIES)}。",
         f"{n}和{n2}一起去{place}旅游。",
         f"{n}问{n2}：“你想去{place}吗？”{n2}说：“好啊，我们{t}去吧。”",
-        f"{n}今年{rng.randint(6, 80)}岁。",
         f"{n}的{obj}是{rng.choice(_CN_COLOURS)}的。",
-        f"{n}每天{rng.choice(_CN_DAILY)}都要{hobby}。",
     )
     return rng.choice(choices)
 
 
 def chinese_document(rng: random.Random) -> str:
-    """One to three paragraphs of simple Chinese sentences."""
+    """One to three paragraphs of simple Chinese sentences, most of them facts of ``CN_PEOPLE``."""
     paragraphs = ["".join(_chinese_sentence(rng) for _ in range(rng.randint(4, 8))) for _ in range(rng.randint(1, 3))]
     return "\n".join(paragraphs)
 

@@ -12,7 +12,7 @@ import math
 import pandas as pd
 import torch
 
-from ernie_lab.ablation.effects import token_nll
+from ernie_lab.ablation.core import token_nll
 from ernie_lab.routing import balance, collect_routing, domain_specialisation
 from ernie_lab.toy.chat import document_pieces
 

@@ -23,14 +23,14 @@ from ernie_lab.model.ernie import ErnieMoE
 
 TOY_SHAPE = dict(
     hidden_size=160,
-    intermediate_size=512,
-    num_hidden_layers=6,
+    intermediate_size=256,  # the dense first layer: small, so domain knowledge has to live in the experts
+    num_hidden_layers=5,  # few layers, each one needed (6 left the middle MoE layers almost dispensable)
     num_attention_heads=4,
     num_key_value_heads=2,
     moe_num_experts=16,
     moe_k=2,
-    moe_num_shared_experts=2,
-    moe_intermediate_size=64,
+    moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
+    moe_intermediate_size=128,
     moe_layer_start_index=1,
     max_position_embeddings=1024,
     tie_word_embeddings=True,

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,7 +17,7 @@ from matplotlib.figure import Figure
 from ernie_lab import ErnieConfig, ErnieMoE
 from ernie_lab import ablation as A
 from ernie_lab import routing as R
-from ernie_lab.ablation.effects import _mean_outputs
+from ernie_lab.ablation.core import mean_outputs as _mean_outputs
 from ernie_lab.interventions import (
     expert_mean_outputs,
     mean_ablate_experts,
@@ -68,6 +69,7 @@ def test_unselected_expert_changes_nothing(model, sequences):
     assert R.expert_load(r).set_index(["layer", "expert"]).loc[UNUSED, "count"] == 0
     for mode in ("zero", "reroute", "mean"):
         df = A.ablation_effect(model, sequences, {UNUSED[0]: [UNUSED[1]]}, mode=mode, progress=False)
+        df = df[~df["control"]]
         assert df["delta_loss"].abs().max() < 1e-7, mode
         assert df["kl"].abs().max() < 1e-7, mode
 
@@ -78,7 +80,8 @@ def test_ablation_effect_equals_token_nll_means(model, sequences):
     hooks = zero_ablate_experts(model, experts)
     base, ablated = A.token_nll(model, ids, mask), A.token_nll(model, ids, mask, fwd_hooks=hooks)
     groups = ["x", "y", "x", "y"]
-    df = A.ablation_effect(model, sequences, experts, groups=groups, batch_size=3, progress=False).set_index("group")
+    df = A.ablation_effect(model, sequences, experts, groups=groups, batch_size=3, controls=0, progress=False)
+    df = df.set_index("group")
     assert df.index.tolist() == ["all", "x", "y"]
     real = ~torch.isnan(base)
     assert df.loc["all", "n_tokens"] == real.sum() == sum(len(s) - 1 for s in sequences)
@@ -105,7 +108,7 @@ def test_mean_ablation_batches_combine_like_one_batch(model, sequences):
     assert batched.keys() == whole.keys()
     for key in whole:  # selected experts and the never-selected fallback alike
         torch.testing.assert_close(batched[key], whole[key], atol=1e-5, rtol=1e-5)
-    df = A.ablation_effect(model, sequences, experts, mode="mean", batch_size=3, progress=False)
+    df = A.ablation_effect(model, sequences, experts, mode="mean", batch_size=3, controls=0, progress=False)
     nll = A.token_nll(model, ids, mask, fwd_hooks=mean_ablate_experts(model, whole))
     assert df["nll_ablated"].item() == pytest.approx(nll[~torch.isnan(nll)].mean().item(), abs=1e-5)
 
@@ -122,7 +125,8 @@ def test_reroute_never_selects_the_ablated_expert(model, sequences):
 
 
 def test_expert_importance_table(model, sequences):
-    df = A.expert_importance(model, sequences, progress=False)
+    df = A.expert_importance(model, sequences, split=None, progress=False)
+    df = df[~df["control"]]
     cfg = model.config
     assert len(df) == len(cfg.moe_layers) * cfg.moe_num_experts
     for _, sub in df.groupby("layer"):
@@ -131,7 +135,7 @@ def test_expert_importance_table(model, sequences):
         assert sub["load"].sum() == pytest.approx(1.0)
     unused = df.set_index(["layer", "expert"]).loc[UNUSED]
     assert unused["delta_loss"] == 0 and unused["load"] == 0
-    single = A.ablation_effect(model, sequences, {2: [4]}, progress=False).iloc[0]
+    single = A.ablation_effect(model, sequences, {2: [4]}, controls=0, progress=False).iloc[0]
     row = df.set_index(["layer", "expert"]).loc[(2, 4)]
     assert row["delta_loss"] == pytest.approx(single["delta_loss"], abs=1e-7)
     assert row["kl"] == pytest.approx(single["kl"], abs=1e-7)
@@ -139,7 +143,7 @@ def test_expert_importance_table(model, sequences):
 
 def test_pruning_curve(model, sequences):
     cfg = model.config
-    zero = A.pruning_curve(model, sequences, 2, order_by="load", progress=False)
+    zero = A.pruning_curve(model, sequences, 2, order_by="load", split=None, controls=0, progress=False)
     assert zero["n_ablated"].tolist() == list(range(cfg.moe_num_experts + 1))
     base = A.ablation_effect(model, sequences, {}, mode="mean", progress=False)["nll_base"].item()
     assert zero["loss"].iloc[0] == pytest.approx(base, abs=1e-9)
@@ -154,10 +158,11 @@ def test_pruning_curve(model, sequences):
     least_loaded = load.loc[load["load"] == load["load"].min(), "expert"].tolist()
     assert ast.literal_eval(zero["ablated"].iloc[1])[0] in least_loaded
 
-    importance = A.expert_importance(model, sequences, layers=[1], mode="reroute", progress=False)
-    reroute = A.pruning_curve(model, sequences, 1, mode="reroute", importance=importance, progress=False)
+    importance = A.expert_importance(model, sequences, layers=[1], mode="reroute", split=None, progress=False)
+    reroute = A.pruning_curve(model, sequences, 1, mode="reroute", importance=importance, split=None, progress=False)
     assert reroute["n_ablated"].max() == cfg.moe_num_experts - cfg.moe_k
-    least = importance.sort_values(["delta_loss", "expert"])["expert"].tolist()
+    ranked = importance[~importance["control"]]
+    least = ranked.sort_values(["delta_loss", "expert"])["expert"].tolist()
     assert ast.literal_eval(reroute["ablated"].iloc[2]) == least[:2]
     with pytest.raises(ValueError, match="steps"):
         A.pruning_curve(model, sequences, 1, mode="reroute", steps=[cfg.moe_num_experts], progress=False)
@@ -227,3 +232,39 @@ def test_plots_return_figures(model, sequences):
         A.plot_dla(dla, top=5),
     ]
     assert all(isinstance(f, Figure) for f in figures)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_dla_head_rows_sum_to_the_attention_row(sequences, use_bias):
+    model = tiny_model(use_bias=use_bias, tie_word_embeddings=not use_bias)
+    if use_bias:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.self_attn.o_proj.bias.normal_(0.0, 1.0)
+    ids, mask = padded(sequences)
+    df = A.direct_logit_attribution(model, ids, answer=[3, 4, 5, 6], distractor=7, attention_mask=mask, heads=True)
+    cfg = model.config
+    heads = df[df["component"] == "head"]
+    assert len(heads) == len(sequences) * cfg.num_hidden_layers * cfg.num_attention_heads
+    assert sorted(set(heads["head"])) == list(range(cfg.num_attention_heads))
+    by_layer = heads.groupby(["batch", "layer"])["contribution"].sum()
+    attn = df[df["component"] == "attn"].set_index(["batch", "layer"])["contribution"]
+    if not use_bias:
+        np.testing.assert_allclose(by_layer.sort_index().to_numpy(), attn.sort_index().to_numpy(), atol=1e-5, rtol=0)
+    else:  # the o_proj bias is in the attn row but in no head: g * bias / rms · (W_U[a] - W_U[b])
+        last = f"blocks.{cfg.num_hidden_layers - 1}.hook_resid_post"
+        _, cache = model.run_with_cache(ids, names_filter=last, attention_mask=mask)
+        resid = cache[last][:, -1].double()
+        rms = (resid.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).sqrt()
+        w_u = model.lm_head.weight.detach().double()
+        direction = model.model.norm.weight.detach().double() * (w_u[[3, 4, 5, 6]] - w_u[7]) / rms
+        for L, block in enumerate(model.blocks):
+            bias_part = direction @ block.self_attn.o_proj.bias.detach().double()
+            gap = attn.xs(L, level="layer").sort_index() - by_layer.xs(L, level="layer").sort_index()
+            np.testing.assert_allclose(gap.to_numpy(), bias_part.numpy(), atol=1e-5, rtol=0)
+    # the other rows still partition the logit difference
+    logits = model(ids, attention_mask=mask)[:, -1]
+    diff = (logits[:, [3, 4, 5, 6]].diagonal() - logits[:, 7]).double()
+    sums = torch.tensor(df[df["component"] != "head"].groupby("batch")["contribution"].sum().to_numpy())
+    torch.testing.assert_close(sums, diff, atol=1e-4, rtol=0)
+    assert isinstance(A.plot_dla(df, top=6), Figure)

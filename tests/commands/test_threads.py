@@ -40,7 +40,7 @@ def test_busy_machine_defaults_to_one_thread_with_one_line(monkeypatch, capsys, 
     assert C.apply_threads(None, "report") is None and torch.get_num_threads() == 2  # quiet: torch's default
     assert capsys.readouterr().err == ""
     assert C.apply_threads(3, "report") == 3 and torch.get_num_threads() == 3  # explicit wins
-    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
         C.apply_threads(0, "report")
 
 

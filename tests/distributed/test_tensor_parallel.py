@@ -47,6 +47,14 @@ def _track_grad(x, hook):
     return x.detach().requires_grad_(True)
 
 
+def _rank_dependent(x, hook):  # a hook whose result differs between processes
+    return x + torch.distributed.get_rank()
+
+
+def _replace_on_rank_0(x, hook):  # returns a tensor on one process only
+    return x * 1.0 if torch.distributed.get_rank() == 0 else None
+
+
 def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     """Runs in each of the 2 processes; returns numbers and flags for the parent to judge."""
     from transformers import DistributedConfig, Ernie4_5_MoeForCausalLM
@@ -165,6 +173,24 @@ def _rank_checks(ckpt: str, bad_ckpt: str) -> dict:
     cols = ["n_tokens", "nll_base", "nll_ablated", "kl"]
     out["ablation"] = float((a_split[cols] - a_tp[cols]).abs().to_numpy().max())
     out["ablation_effect"] = float(a_tp["kl"].abs().max())
+
+    from ernie_lab.distributed import HookDivergenceError, PlanError
+
+    for name, fn in (("divergence", _rank_dependent), ("divergence_count", _replace_on_rank_0)):
+        try:
+            tp.run_with_hooks(IDS, fwd_hooks=[("blocks.1.hook_resid_post", fn)])
+            out[name] = None
+        except HookDivergenceError as err:
+            out[name] = str(err)
+    tp.tp_check_hooks = False  # the opt-out: the processes now hold different logits, unchecked
+    out["unchecked"] = _diff(tp.run_with_hooks(IDS, fwd_hooks=[("blocks.1.hook_resid_post", _rank_dependent)]), base)
+    tp.tp_check_hooks = True
+    out["after_divergence"] = _diff(tp(IDS), base)  # a failed check leaves the model usable
+    try:
+        el.load_model(ckpt, tp_plan={"model.layers.*.self_atn.q_proj": ColwiseShard()})
+        out["plan_error"] = None
+    except PlanError as err:
+        out["plan_error"] = str(err)
     return out
 
 
@@ -273,3 +299,12 @@ def test_data_split_off_without_a_group():
     assert data_split(object()) is None
     with pytest.raises(ValueError, match="process group"):
         data_split(object(), data_parallel=True)
+
+
+def test_hook_divergence_and_plan_entries_are_checked(results):
+    for r in results:
+        assert r["divergence"] is not None and "blocks.1.hook_resid_post" in r["divergence"]
+        assert r["divergence_count"] is not None and "on different processes" in r["divergence_count"]
+        assert r["unchecked"] > 1e-3  # opted out: the mixed result goes through, which is what the check catches
+        assert r["after_divergence"] <= TOL
+        assert r["plan_error"] is not None and "'model.layers.*.self_atn.q_proj' matches no module" in r["plan_error"]

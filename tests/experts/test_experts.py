@@ -160,13 +160,14 @@ def test_truncation_lens_and_knockout(model, data):
 
 
 def test_risk_difference(model, data):
-    same = el.experts.risk_difference(model, data, data, progress=False)
+    same = el.experts.risk_difference(model, data, data, split=None, progress=False)
+    same = same[~same["control"]]
     np.testing.assert_array_equal(same["rd"], 0.0)
     r = el.routing.collect_routing(model, data, progress=False)
     load = el.routing.expert_load(r)
     np.testing.assert_allclose(same["p_a"], load["count"] / r.n_tokens)
     marks = [torch.arange(len(d)) == 0 for d in data]  # first token of each prompt only
-    first = el.experts.risk_difference(model, data, data, marks_a=marks, progress=False)
+    first = el.experts.risk_difference(model, data, data, marks_a=marks, split=None, controls=0, progress=False)
     assert (first["n_a"] == len(data)).all()
     first_idx = r.idx[:, r.pos == 0]
     expected = torch.zeros(len(r.layers), r.n_experts).scatter_(1, first_idx[:, :, 0], 0.0)

@@ -190,7 +190,7 @@ def test_token_labels_and_frame_layout(model):
 
     clean, corrupt = pair()
     df = P.patch_residual(model, clean, corrupt, P.logit_diff(5, 6), tokenizer=Tok(), layers=[0], progress=False)
-    assert list(df.columns) == ["hook", "layer", "pos", "token", "metric", "effect"]
+    assert list(df.columns) == ["hook", "layer", "pos", "token", "metric", "effect", "direction"]
     assert df["token"][0] == f"t{clean[0].item()}"
     assert df["token"][DIFF] == f"t{clean[DIFF].item()}/t{corrupt[DIFF].item()}"
 
@@ -358,6 +358,15 @@ def test_compare_attribution_needs_rows():
     assert abs(P.compare_attribution(b, b.assign(effect=[1.0, 3.0, 5.0])) - 1) < 1e-12
 
 
+def test_attribution_agreement_reports_slope_and_r2_beside_r():
+    """An attribution that halves every effect has r = 1 but slope 0.5 and an R² against y = x well below 1."""
+    exact = pd.DataFrame({"layer": [0, 1, 2, 3], "pos": 0, "effect": [0.1, 0.4, 0.8, 1.0]})
+    half = P.attribution_agreement(exact, exact.assign(effect=exact["effect"] / 2))
+    assert half["r"] == pytest.approx(1.0) and half["slope"] == pytest.approx(0.5) and half["r2_identity"] < 0.5
+    same = P.attribution_agreement(exact, exact)
+    assert same["slope"] == pytest.approx(1.0) and same["r2_identity"] == pytest.approx(1.0) and same["n"] == 4
+
+
 # ------------------------------------------------------------------------------------------ plots
 def test_plots(setup):
     grid = setup.residual("resid_pre")
@@ -371,7 +380,8 @@ def test_plots(setup):
         P.plot_patching_heatmap(heads)
     attr = setup.attribution("resid_pre")
     fig = P.plot_attribution_vs_exact(grid, attr)
-    assert "r = " in fig.axes[0].get_title()
+    title = fig.axes[0].get_title()
+    assert "r = " in title and "slope = " in title and "R²" in title
 
 
 def test_pairs_of_two_templates_are_not_averaged(model):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+import ernie_lab as el
 from ernie_lab import ErnieConfig, ErnieMoE
 from ernie_lab import routing as R
 
@@ -257,3 +258,29 @@ def test_model_without_shared_experts(sequences):
     assert torch.isnan(r.shared_norm).all() and torch.isnan(r.cosine).all()
     assert (r.routed_norm > 0).all()
     assert R.shared_vs_routed(r)["routed_norm"].notna().all()
+
+
+def test_to_frame_one_row_per_token_layer_slot(model, sequences):
+    r = R.collect_routing(model, sequences[:3], batch_size=3, groups=list("abc"), progress=False)
+    tok = el.load_tokenizer("toy")
+    df = r.to_frame(tokenizer=tok)
+    cfg = model.config
+    assert len(df) == len(r) * len(r.layers) * cfg.moe_k
+    assert list(df.columns) == ["seq", "pos", "token_id", "token", "group", "layer", "slot", "expert", "weight", "prob"]
+    names = ["blocks.*.moe.hook_topk_idx", "blocks.*.moe.hook_topk_weights", "blocks.*.moe.hook_router_probs"]
+    for seq_i, seq in enumerate(sequences[:3]):
+        _, cache = model.run_with_cache(seq[None], names_filter=names)
+        for L in r.layers:
+            rows = df[(df["seq"] == seq_i) & (df["layer"] == L)].sort_values(["pos", "slot"])
+            idx = cache[f"blocks.{L}.moe.hook_topk_idx"][0]
+            assert rows["expert"].tolist() == idx.flatten().tolist()
+            assert rows["pos"].tolist() == [p for p in range(len(seq)) for _ in range(cfg.moe_k)]
+            assert rows["token_id"].tolist() == seq.repeat_interleave(cfg.moe_k).tolist()
+            want = cache[f"blocks.{L}.moe.hook_router_probs"][0].gather(-1, idx).flatten()
+            np.testing.assert_allclose(rows["prob"].to_numpy(), want.numpy(), atol=1e-5)
+            w = cache[f"blocks.{L}.moe.hook_topk_weights"][0].flatten()
+            np.testing.assert_allclose(rows["weight"].to_numpy(), w.numpy(), atol=1e-5)
+            assert set(rows["group"]) == {"abc"[seq_i]}
+    first = df[(df["seq"] == 0) & (df["pos"] == 0)]["token"]
+    assert set(first) == set(tok.convert_ids_to_tokens(sequences[0][:1]))
+    assert r.to_frame()["token"].isna().all()
