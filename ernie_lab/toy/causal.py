@@ -1,6 +1,6 @@
 """Do a domain's specialised experts matter causally? The double dissociation behind the toy's acceptance.
 
-For every MoE layer L and domain D of the held-out prompt set (ANALYSES.md, "Double dissociation"):
+For every MoE layer L and domain D of the held-out prompt set (the README's Definitions, "Noise floors"):
 
 1. **discover** — on one half of each domain's texts, the ``n_experts`` experts of L with the highest
    domain lift ``spec(e, D) / (k/E)`` (:func:`ernie_lab.routing.domain_specialisation`);

@@ -25,7 +25,7 @@ def test_chinese_and_another_domain_dissociate_in_three_layers(table):
 
 def test_effects_are_held_out_and_above_their_noise_floor(table):
     hits = table[table.passes]
-    # a passing effect's interval excludes the control's mean rise (ANALYSES.md: an effect counts then)
+    # a passing effect's interval excludes the control's mean rise (an effect counts only then)
     assert (hits.ci_low > hits.control).all()
     assert (hits.ci_low <= hits.delta).all() and (hits.delta <= hits.ci_high).all()
     assert (table.n_seq > 0).all()
