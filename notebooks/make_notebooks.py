@@ -267,7 +267,7 @@ EXPERTS = [
     "control rows steer random experts instead.",
     "import math\n\nzh_experts, _ = el.experts.steering_sets(rd, n=2)\n"
     "dose = el.experts.steering_dose(\n"
-    "    model, zh[1::2], on={}, off=zh_experts, strengths=[0, 0.05, 0.2, math.inf], tokenizer=tok, progress=False\n)\n"
+    "    model, zh[1::2], on={}, off=zh_experts, strengths=[0, 0.2, 0.5, math.inf], tokenizer=tok, progress=False\n)\n"
     'dose[["strength", "off_rate", "delta_loss", "ci_low", "ci_high", "control"]]',
     "The same steering on a generation: a Chinese text's continuation with and without its Chinese experts.",
     "el.widgets.steered_continuations(model, tok, zh[1][:24], {}, zh_experts, max_new_tokens=16)",

@@ -51,7 +51,8 @@ def steering_dose(
     ``off``), nll_base, nll_steered, delta_loss (steered - plain,
     nats per predicted token), ci_low, ci_high (bootstrap over sequences), n_seq, kl, experts, control.
     Control rows (``control=True``): the same number of random ``on`` experts per layer, drawn from those
-    neither on nor off, ``controls`` draws averaged (``off`` unchanged). Costs two passes per strength and
+    neither on nor off, ``controls`` draws averaged (``off`` unchanged); when ``on`` is empty, random
+    ``off`` experts instead (steering experts *out*). Costs two passes per strength and
     draw (one for the routing, one for the loss) plus one base pass.
     """
     check_interval(level, n_boot)
@@ -61,28 +62,33 @@ def steering_dose(
     on = {int(L): sorted(int(e) for e in es) for L, es in on.items()}
     off = {int(L): sorted(int(e) for e in es) for L, es in (off or {}).items()}
     n_expert = model.config.moe_num_experts
+    # the control steers random experts the same way: random `on` sets (off unchanged), or random `off`
+    # sets when only `off` is steered; drawn per layer from the experts neither on nor off
+    steer_on = bool(on)
+    picked, other = (on, off) if steer_on else (off, on)
     per_layer = {
-        L: control_draws(n_expert, [*es, *off.get(L, ())], controls, seed + L, count=len(es)) for L, es in on.items()
+        L: control_draws(n_expert, [*es, *other.get(L, ())], controls, seed + L, count=len(es))
+        for L, es in picked.items()
     }
     drawn = [{L: d[i] for L, d in per_layer.items()} for i in range(controls)]
     sequences = as_sequences(dataset, tokenizer)
-    sets = [on, *drawn]
+    pairs = [(on, off), *(((d, off) if steer_on else (on, d)) for d in drawn)]
     with warnings.catch_warnings():  # filling all k slots is reported once by the caller's own steer_experts
         warnings.simplefilter("ignore", UserWarning)
-        hooks = [[steer_experts(model, s, off, strength) if strength else [] for strength in strengths] for s in sets]
+        hooks = [[steer_experts(model, a, b, strength) if strength else [] for strength in strengths] for a, b in pairs]
     rates = []
-    for s, row in zip(sets, hooks, strict=True):
+    for (a, b), row in zip(pairs, hooks, strict=True):
         for h in row:
             r = collect_routing(model, sequences, batch_size=batch_size, progress=False, fwd_hooks=h)
-            rates.append((_rate(r, s), _rate(r, off)))
+            rates.append((_rate(r, a), _rate(r, b)))
     flat = [h for row in hooks for h in row]
     per = run_per_sequence(model, sequences, flat, batch_size, progress)
     n = len(strengths)
-    ablated = per.ablated.numpy().reshape(len(sets), n, -1)
-    kl = per.kl.numpy().reshape(len(sets), n, -1)
-    rate = np.asarray(rates).reshape(len(sets), n, 2)
+    ablated = per.ablated.numpy().reshape(len(pairs), n, -1)
+    kl = per.kl.numpy().reshape(len(pairs), n, -1)
+    rate = np.asarray(rates).reshape(len(pairs), n, 2)
     label = lambda s: "; ".join(f"L{L}: {es}" for L, es in sorted(s.items()))  # noqa: E731
-    rows = [(label(on), ablated[0], kl[0], rate[0], False)]
+    rows = [(label(picked) if steer_on else f"off {label(picked)}", ablated[0], kl[0], rate[0], False)]
     if drawn:
         random = f"random: {' | '.join(label(d) for d in drawn)}"
         rows.append((random, ablated[1:].mean(0), kl[1:].mean(0), rate[1:].mean(0), True))
