@@ -83,3 +83,13 @@ def test_bad_strength(model, strength):
     with pytest.raises(ValueError, match="strength"):
         el.interventions.steer_experts(model, on={1: [0]}, strength=strength)
     assert math.isinf(el.experts.DEFAULT_STRENGTHS[-1])
+
+
+def test_steering_out_only_draws_random_off_experts_as_control(model, data):
+    off = {1: [0, 1]}
+    dose = el.experts.steering_dose(model, data, {}, off=off, strengths=[0.0, math.inf], controls=3, progress=False)
+    steered, control = dose[~dose["control"]], dose[dose["control"]]
+    assert steered["off_rate"].iloc[-1] == 0.0 and steered["experts"].iloc[0] == "off L1: [0, 1]"
+    assert len(control) == 2 and control["off_rate"].iloc[-1] == 0.0  # the random experts are forced out too
+    drawn = [s.removeprefix("L1: [").rstrip("]").split(", ") for s in control["experts"].iloc[0][8:].split(" | ")]
+    assert all(len(d) == 2 and not {"0", "1"} & set(d) for d in drawn)
