@@ -136,7 +136,7 @@ ABLATION = [
     "curve = el.ablation.pruning_curve(\n    model, texts, L, importance=imp, steps=[0, 4, 8, 12, 16], tokenizer=tok, "
     "progress=False\n)\nel.ablation.plot_pruning_curve(curve)",
     "**Per domain**: the two most important experts rerouted together, Δloss by domain.",
-    'top2 = imp.query("rank <= 2").expert.tolist()\n'
+    'top2 = imp.query("not control and rank <= 2").expert.tolist()  # control rows: random experts\n'
     "el.ablation.ablation_effect(\n"
     '    model, texts, {L: top2}, mode="reroute", groups=docs.domain.tolist(), tokenizer=tok, progress=False\n)',
     "**Recipes**: the files in `hooks/` build the same interventions for any run, e.g. generation with the two "
