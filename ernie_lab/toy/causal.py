@@ -27,15 +27,10 @@ from ernie_lab.ablation import ablation_effect
 from ernie_lab.noise import split_sequences
 from ernie_lab.plots import new_figure
 from ernie_lab.routing import collect_routing, domain_specialisation
-from ernie_lab.toy.chat import document_pieces
+from ernie_lab.toy.chat import encode_document
 from ernie_lab.toy.prompts import load_prompt_set
 
 CRITERIA = {"min_delta": 0.10, "other_ratio": 3.0, "control_ratio": 5.0}
-
-
-def encode_rows(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
-    """Token ids of prompt-set rows, chats encoded piece by piece exactly as training saw them."""
-    return [[i for piece in document_pieces(r) for i in tokenizer.encode(piece)] for r in rows]
 
 
 def dissociation(
@@ -61,7 +56,7 @@ def dissociation(
     control, control_ci_low, control_ci_high, zero_all, n_seq, passes.
     """
     rows = list(load_prompt_set("domains") if rows is None else rows)
-    ids, all_domains = encode_rows(tokenizer, rows), [r["domain"] for r in rows]
+    ids, all_domains = [encode_document(tokenizer, r) for r in rows], [r["domain"] for r in rows]
     split = split_sequences(len(rows), "halves", groups=all_domains)
     discover = [ids[i] for i in split.discover], [all_domains[i] for i in split.discover]
     evaluate = [ids[i] for i in split.evaluate], [all_domains[i] for i in split.evaluate]

@@ -81,6 +81,11 @@ def document_pieces(doc: dict[str, str]) -> list[str]:
     return chat_segments(doc["text"]) if doc["domain"] == "chat" else [doc["text"]]
 
 
+def encode_document(tokenizer, doc: dict[str, str]) -> list[int]:
+    """Token ids of a corpus row, its pieces encoded one after the other exactly as training saw them."""
+    return [i for piece in document_pieces(doc) for i in tokenizer.encode(piece)]
+
+
 def recall_answer(relation: str, subject: str) -> str:
     """The assistant's sentence for a recall question, e.g. "The capital of Veloria is Mirren."."""
     return TRAIN_FACT_TEMPLATES[relation][0].format(s=subject, o=dict(FACTS[relation])[subject])

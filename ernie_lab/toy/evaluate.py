@@ -14,7 +14,7 @@ import torch
 
 from ernie_lab.ablation.core import token_nll
 from ernie_lab.routing import balance, collect_routing, domain_specialisation
-from ernie_lab.toy.chat import document_pieces
+from ernie_lab.toy.chat import encode_document
 
 
 def _batches(rows: list, size: int):
@@ -35,7 +35,7 @@ def heldout_nll(
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for chunk in _batches(rows, batch_size):
-        ids = [[i for piece in document_pieces(r) for i in tokenizer.encode(piece)] for r in chunk]
+        ids = [encode_document(tokenizer, r) for r in chunk]
         if shuffle_seed is not None:
             ids = [[seq[i] for i in torch.randperm(len(seq), generator=gen).tolist()] for seq in ids]
         width = max(len(s) for s in ids)

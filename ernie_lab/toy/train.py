@@ -1,7 +1,7 @@
 """Train the embedded toy ERNIE 4.5 MoE on the synthetic corpus.
 
 The model has ERNIE 4.5's exact architecture at a laptop scale (first layer dense, the rest MoE,
-16 routed experts top-2, 2 shared experts). Experts are balanced the way ERNIE 4.5 does it,
+16 routed experts top-2, 1 shared expert). Experts are balanced the way ERNIE 4.5 does it,
 aux-loss free: after every step each MoE layer's ``e_score_correction_bias`` moves by ``gamma`` toward
 balance, ``bias_e += gamma * sign(mean_load - load_e)`` (Wang et al. 2024, "Auxiliary-Loss-Free Load
 Balancing Strategy for Mixture-of-Experts"); the bias only affects selection, not the mixing weights.

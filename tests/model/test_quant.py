@@ -16,7 +16,7 @@ import ernie_lab as el
 from ernie_lab.model.moe import Experts
 from ernie_lab.model.quant import QuantExperts, QuantLinear, quantize_model
 from ernie_lab.routing import collect_routing, routing_agreement
-from ernie_lab.toy.chat import document_pieces
+from ernie_lab.toy.chat import encode_document
 from ernie_lab.toy.corpus import heldout_domains
 
 # routed experts dominate, as in ERNIE-4.5 (93% of 21B-A3B's weights)
@@ -48,7 +48,7 @@ def heldout_batches(toy):
     """Held-out documents of every domain as padded (left) batches ``(ids [b p], mask [b p])``."""
     _, tok = toy
     rows = heldout_domains(per_domain=6)
-    seqs = [[i for piece in document_pieces(r) for i in tok.encode(piece)][:96] for r in rows]
+    seqs = [encode_document(tok, r)[:96] for r in rows]
     batches = []
     for i in range(0, len(seqs), 12):
         chunk = seqs[i : i + 12]
