@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ernie_lab.noise import fit_through_origin
+from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT, fit_through_origin
 from ernie_lab.patching.metrics import Metric, reduce_metric
 from ernie_lab.patching.moe import source_for_expert
 from ernie_lab.patching.setup import RESIDUAL_HOOKS, Hooks, PatchingRuns
@@ -75,16 +75,27 @@ def attribute(setup: PatchingRuns, hook: str = "resid_pre", layers=None, per_pos
     base, source = setup.acts("base", names), setup.acts("source", names)
     rows, deltas = [], []
     for L, name in zip(layers, names, strict=True):
-        # [pos] or [pos head]: first-order change of the mean metric, summed over d_model/d_head and prompts
-        contrib = ((source[name] - base[name]).float() * grads[name].float()).sum(-1).sum(0)
+        # [batch pos] or [batch pos head]: first-order change of the mean metric per prompt, summed over d_model/d_head
+        contrib = ((source[name] - base[name]).float() * grads[name].float()).sum(-1)
         if not per_position:
-            contrib = contrib.sum(0, keepdim=True)
-        for i, row in enumerate(contrib.cpu().numpy().reshape(contrib.shape[0], -1)):
-            for h, value in enumerate(row):
+            contrib = contrib.sum(1, keepdim=True)
+        per_row = contrib.cpu().numpy().reshape(contrib.shape[0], contrib.shape[1], -1)  # [batch pos head-or-1]
+        for i in range(per_row.shape[1]):
+            for h in range(per_row.shape[2]):
                 keys = {"hook": hook, "layer": L} | ({"pos": i} if per_position else {})
                 rows.append(keys | ({"head": h} if hook == "z" else {}))
-                deltas.append(value)
-    return setup._frame(rows, setup.m_base + np.asarray(deltas, dtype=np.float64))
+                deltas.append(per_row[:, i, h])
+    return setup._frame(rows, _estimates(setup, deltas))
+
+
+def _estimates(setup: PatchingRuns, deltas: list[np.ndarray]) -> np.ndarray:
+    """Estimated patched metrics from per-prompt first-order changes of the *mean* metric ``[batch]`` each:
+    ``[row batch]`` per prompt (prompt i's own change is ``batch *`` its share) when the metric is per prompt,
+    else ``[row 1]``."""
+    d = np.asarray(deltas, dtype=np.float64).reshape(len(deltas), -1)
+    if setup.base_rows.shape[0] == d.shape[1] > 1:
+        return setup.base_rows[None, :] + d.shape[1] * d
+    return setup.m_base + d.sum(1, keepdims=True)
 
 
 def attribution_patching(
@@ -99,12 +110,15 @@ def attribution_patching(
     direction: str = "denoising",
     tokenizer=None,
     fwd_hooks: Hooks = (),
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Attribution patching of ``clean_ids``/``corrupt_ids`` (see :class:`PatchingSetup`) at ``hook``;
     rows as :func:`attribute`. With a setup at hand, ``setup.attribution(hook)`` reuses its runs."""
     setup = PatchingRuns(
         model, clean_ids, corrupt_ids, metric, direction=direction, tokenizer=tokenizer, fwd_hooks=fwd_hooks,
-        progress=False,
+        progress=False, level=level, n_boot=n_boot, seed=seed,
     )  # fmt: skip
     return attribute(setup, hook, layers=layers, per_position=per_position)
 
@@ -122,8 +136,8 @@ def _expert_rows(setup: PatchingRuns, layers: list[int], grads: dict) -> pd.Data
             mask = (base[idx_name] == e) & selected  # [batch pos topk]
             contrib = ((value - base[out_name]).float() * grads[out_name].float()).sum(-1)
             rows.append({"layer": L, "expert": e, "n_positions": int(mask.any(-1).sum())})
-            deltas.append(float(contrib[mask].sum()))
-    return setup._frame(rows, setup.m_base + np.asarray(deltas, dtype=np.float64))
+            deltas.append((contrib * mask).flatten(1).sum(1).cpu().numpy())
+    return setup._frame(rows, _estimates(setup, deltas))
 
 
 def merge_effects(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> pd.DataFrame:

@@ -19,8 +19,11 @@ repeated once per patch and each copy patches a different place (one hook per ho
 per-row mask), ``batch_size`` sequences per pass.
 
 Axes: batch pos head topk d_model (glossary in model/ernie.py). Rows of the returned DataFrames:
-``layer``, ``pos``/``token``, ``head``, ``expert`` keys; ``metric`` (mean patched metric) and
-``effect``. The runs live in ``setup.py``, metrics in ``metrics.py``, MoE grids in ``moe.py``, attribution
+``layer``, ``pos``/``token``, ``head``, ``expert`` keys; ``metric`` (mean patched metric), ``effect``,
+and its noise floor ``ci_low``/``ci_high``: a percentile bootstrap over prompt pairs (``level``,
+``n_boot``, ``seed`` of the setup) recomputed from the stored per-pair metrics, no extra model run;
+NaN for a single pair or a metric that returns one value per batch. Plots dot the cells whose interval
+includes 0. The runs live in ``setup.py``, metrics in ``metrics.py``, MoE grids in ``moe.py``, attribution
 patching in ``attribution.py``, plots in ``plots.py``; ``el.patching`` re-exports them all.
 """
 
@@ -30,6 +33,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.model.checks import as_ints
+from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from ernie_lab.patching.attribution import attribute
 from ernie_lab.patching.metrics import Metric
 from ernie_lab.patching.moe import expert_grid, routing_grid
@@ -43,7 +47,8 @@ class PatchingSetup(PatchingRuns):
     ``fn(logits [batch pos vocab]) -> [batch]`` (see :func:`logit_diff`). ``fwd_hooks`` stay active
     in every run (baselines, caches, patched runs), applied before the patch — e.g. to patch inside
     an ablated model. ``tokenizer`` (anything with ``convert_ids_to_tokens`` or ``decode``) adds token
-    labels taken from the first prompt pair, ``"clean/corrupt"`` where they differ.
+    labels taken from the first prompt pair, ``"clean/corrupt"`` where they differ. ``level``, ``n_boot``
+    and ``seed`` set the bootstrap interval over prompt pairs of every grid's effect (``ci_low``/``ci_high``).
 
     Attributes: ``m_clean``, ``m_corrupt``, ``m_base``, ``m_source`` (floats), ``clean_logits``,
     ``corrupt_logits`` ``[batch pos vocab]``, ``base_ids``/``source_ids`` ``[batch pos]``.
@@ -65,7 +70,7 @@ class PatchingSetup(PatchingRuns):
                 mask[:, slice(None) if pos is None else pos] = True
                 patches.append({f"blocks.{L}.hook_{hook}": mask})
                 rows.append({"hook": hook, "layer": L} | ({} if pos is None else {"pos": pos}))
-        return self._frame(rows, self.run_patches(patches, self.masked_hooks, f"patch {hook}"))
+        return self._frame(rows, self.run_patch_rows(patches, self.masked_hooks, f"patch {hook}"))
 
     def heads(self, layers=None, heads=None, positions=None, per_position: bool = False) -> pd.DataFrame:
         """Patch single heads of ``blocks.{L}.attn.hook_z`` ``[batch pos head d_head]``.
@@ -83,7 +88,7 @@ class PatchingSetup(PatchingRuns):
                     mask[:, slice(None) if pos is None else pos, h] = True
                     patches.append({f"blocks.{L}.attn.hook_z": mask})
                     rows.append({"hook": "z", "layer": L} | ({} if pos is None else {"pos": pos}) | {"head": h})
-        return self._frame(rows, self.run_patches(patches, self.masked_hooks, "patch heads"))
+        return self._frame(rows, self.run_patch_rows(patches, self.masked_hooks, "patch heads"))
 
     def routing(self, layers=None, positions=None, per_position: bool = False) -> pd.DataFrame:
         """Routing patching; see :func:`ernie_lab.patching.moe.routing_grid`."""
@@ -113,6 +118,9 @@ def patch_residual(
     fwd_hooks: Hooks = (),
     batch_size: int = 32,
     progress: bool = True,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Layer x position grid of residual-stream patching at ``blocks.{L}.hook_{hook}``.
 
@@ -120,7 +128,7 @@ def patch_residual(
     """
     setup = PatchingSetup(
         model, clean_ids, corrupt_ids, metric, direction=direction, tokenizer=tokenizer, fwd_hooks=fwd_hooks,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, level=level, n_boot=n_boot, seed=seed,
     )  # fmt: skip
     return setup.residual(hook, layers=layers, positions=positions, per_position=per_position)
 
@@ -140,10 +148,13 @@ def patch_heads(
     fwd_hooks: Hooks = (),
     batch_size: int = 32,
     progress: bool = True,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Layer x head grid over ``hook_z``; see :meth:`PatchingSetup.heads`."""
     setup = PatchingSetup(
         model, clean_ids, corrupt_ids, metric, direction=direction, tokenizer=tokenizer, fwd_hooks=fwd_hooks,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, level=level, n_boot=n_boot, seed=seed,
     )  # fmt: skip
     return setup.heads(layers=layers, heads=heads, positions=positions, per_position=per_position)

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.model.checks import as_ints
+from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT
 from ernie_lab.patching.metrics import Metric
 from ernie_lab.patching.setup import Hooks, PatchingRuns
 
@@ -52,7 +53,7 @@ def routing_grid(setup: PatchingRuns, layers=None, positions=None, per_position:
             patches.append({idx_name: mask, w_name: mask})
             where = {} if pos is None else {"pos": pos}
             rows.append({"layer": L} | where | {"n_rerouted": int(differs[mask].sum())})
-    return setup._frame(rows, setup.run_patches(patches, setup.masked_hooks, "patch routing"))
+    return setup._frame(rows, setup.run_patch_rows(patches, setup.masked_hooks, "patch routing"))
 
 
 def expert_grid(setup: PatchingRuns, layers=None, experts=None) -> pd.DataFrame:
@@ -73,10 +74,10 @@ def expert_grid(setup: PatchingRuns, layers=None, experts=None) -> pd.DataFrame:
             rows.append({"layer": L, "expert": e, "n_positions": n})
             if n:
                 todo.append((len(rows) - 1, (L, e)))
-    metrics = np.full(len(rows), setup.m_base, dtype=np.float64)
+    metrics = np.tile(setup.base_rows, (len(rows), 1))  # [row batch]: unpatched rows keep the base run's values
     if todo:
         hooks = lambda chunk: _expert_hooks(setup, chunk)
-        metrics[[i for i, _ in todo]] = setup.run_patches([p for _, p in todo], hooks, "patch experts")
+        metrics[[i for i, _ in todo]] = setup.run_patch_rows([p for _, p in todo], hooks, "patch experts")
     return setup._frame(rows, metrics)
 
 
@@ -123,11 +124,14 @@ def patch_experts(
     fwd_hooks: Hooks = (),
     batch_size: int = 32,
     progress: bool = True,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Expert-output patching per (MoE layer, expert); see :func:`expert_grid` and :class:`PatchingSetup`."""
     setup = PatchingRuns(
         model, clean_ids, corrupt_ids, metric, direction=direction, fwd_hooks=fwd_hooks, batch_size=batch_size,
-        progress=progress,
+        progress=progress, level=level, n_boot=n_boot, seed=seed,
     )  # fmt: skip
     return expert_grid(setup, layers=layers, experts=experts)
 
@@ -146,10 +150,13 @@ def patch_routing(
     fwd_hooks: Hooks = (),
     batch_size: int = 32,
     progress: bool = True,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Routing patching per MoE layer (and position); see :func:`routing_grid` and :class:`PatchingSetup`."""
     setup = PatchingRuns(
         model, clean_ids, corrupt_ids, metric, direction=direction, tokenizer=tokenizer, fwd_hooks=fwd_hooks,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, level=level, n_boot=n_boot, seed=seed,
     )  # fmt: skip
     return routing_grid(setup, layers=layers, positions=positions, per_position=per_position)

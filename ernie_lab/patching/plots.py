@@ -17,7 +17,8 @@ from ernie_lab.patching.attribution import merge_effects
 from ernie_lab.plots import SIGNED_CMAP, new_figure, set_title
 
 
-def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str) -> Figure:
+def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: str, noise=None) -> Figure:
+    """``noise``: a bool table like ``table``, True where the effect's interval includes 0 (drawn as a dot)."""
     data = table.to_numpy(dtype=float)
     finite = np.abs(data[np.isfinite(data)])
     vmax = max(float(finite.max()) if finite.size else 1.0, 1e-9)
@@ -29,9 +30,28 @@ def _heatmap(table: pd.DataFrame, title: str, xlabel: str, xticklabels, value: s
     ax.set_yticks(range(data.shape[0]), [str(L) for L in table.index])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
+    if noise is not None:
+        rows, cols = np.nonzero(noise.to_numpy(dtype=bool))
+        ax.scatter(cols, rows, s=6, c="0.35", marker="o", linewidths=0)
     set_title(ax, title, 9)
     fig.colorbar(im, ax=ax, label=_value_words(value))
     return fig
+
+
+def _noise_cells(df: pd.DataFrame, table: pd.DataFrame, columns: str, value: str):
+    """``(bool table, title words)``: cells whose bootstrap interval of the effect includes 0, when the
+    frame carries intervals (``ci_low``/``ci_high`` from a grid over several prompt pairs); else ``(None, "")``."""
+    if value != "effect" or not {"ci_low", "ci_high"} <= set(df.columns) or df["ci_low"].isna().all():
+        return None, ""
+    if df.duplicated(["layer", columns]).any():  # cells averaged over several rows: their intervals do not combine
+        return None, ""
+    lo = df.pivot_table(index="layer", columns=columns, values="ci_low", aggfunc="mean", dropna=False)
+    hi = df.pivot_table(index="layer", columns=columns, values="ci_high", aggfunc="mean", dropna=False)
+    lo, hi = lo.reindex_like(table), hi.reindex_like(table)
+    level, n = df.attrs.get("level"), df.attrs.get("n_prompts")
+    interval = f"{level:.0%} interval" if level else "interval"
+    over = f" over {n} pairs" if n else ""
+    return (lo <= 0) & (hi >= 0), f"\ndot: the {interval}{over} includes 0 (not distinguishable from no effect)"
 
 
 HOOK_WORDS = {
@@ -80,8 +100,9 @@ def plot_patching_heatmap(df: pd.DataFrame, value: str = "effect", tokens=None, 
     )
     hook = str(df["hook"].iloc[0]) if "hook" in df else ""
     where = HOOK_WORDS.get(hook, hook.replace("_", " ") or "activation")
-    default = f"patching the {where} per layer and position\n{_value_words(value)}, {_direction(df)}"
-    return _heatmap(table, title or default, "position (token)", labels, value)
+    noise, words = _noise_cells(df, table, "pos", value)
+    default = f"patching the {where} per layer and position\n{_value_words(value)}, {_direction(df)}{words}"
+    return _heatmap(table, title or default, "position (token)", labels, value, noise)
 
 
 def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = None) -> Figure:
@@ -90,8 +111,9 @@ def plot_head_grid(df: pd.DataFrame, value: str = "effect", title: str | None = 
     if missing:
         raise ValueError(f"the frame lacks columns {sorted(missing)} (a head grid is needed)")
     table = df.pivot_table(index="layer", columns="head", values=value, aggfunc="mean", dropna=False)
-    default = f"patching each attention head's output\n{_value_words(value)}, {_direction(df)}"
-    return _heatmap(table, title or default, "attention head", [str(h) for h in table.columns], value)
+    noise, words = _noise_cells(df, table, "head", value)
+    default = f"patching each attention head's output\n{_value_words(value)}, {_direction(df)}{words}"
+    return _heatmap(table, title or default, "attention head", [str(h) for h in table.columns], value, noise)
 
 
 def plot_attribution_vs_exact(exact_df: pd.DataFrame, attr_df: pd.DataFrame, value: str = "effect") -> Figure:

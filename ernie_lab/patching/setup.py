@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ernie_lab.model.checks import as_ints
+from ernie_lab.model.checks import as_int, as_ints
 from ernie_lab.model.hook_points import first_edited_layer
-from ernie_lab.patching.metrics import Metric, reduce_metric
+from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_interval, percentile_interval, resample_weights
+from ernie_lab.patching.metrics import Metric
 from ernie_lab.plots import sequence_tokens, token_label
 
 Hooks = list[tuple[str, Callable]]
@@ -69,7 +70,11 @@ class PatchingRuns:
         fwd_hooks: Hooks = (),
         batch_size: int = 32,
         progress: bool = True,
+        level: float = DEFAULT_LEVEL,
+        n_boot: int = DEFAULT_N_BOOT,
+        seed: int = 0,
     ):
+        check_interval(level, n_boot)
         clean, corrupt = _as_ids(clean_ids, "clean_ids"), _as_ids(corrupt_ids, "corrupt_ids")
         if clean.shape[1] != corrupt.shape[1]:
             raise ValueError(
@@ -86,17 +91,20 @@ class PatchingRuns:
         self.model, self.metric, self.direction = model, metric, direction
         self.tokenizer, self.fwd_hooks = tokenizer, list(fwd_hooks)
         self.batch_size, self.progress = batch_size, progress
+        self.level, self.n_boot, self.seed = float(level), int(n_boot), as_int(seed, "seed", 0)
         self.clean_ids, self.corrupt_ids = clean, corrupt
         self.n_prompts, self.n_pos = clean.shape
         self.n_layers = model.config.num_hidden_layers
         with torch.no_grad():
             self.clean_logits = model.run_with_hooks(clean, fwd_hooks=self.fwd_hooks)
             self.corrupt_logits = model.run_with_hooks(corrupt, fwd_hooks=self.fwd_hooks)
-            self.m_clean = reduce_metric(metric(self.clean_logits)).item()
-            self.m_corrupt = reduce_metric(metric(self.corrupt_logits)).item()
+            clean_rows, corrupt_rows = _per_prompt(metric(self.clean_logits)), _per_prompt(metric(self.corrupt_logits))
+        self.m_clean, self.m_corrupt = float(clean_rows.mean()), float(corrupt_rows.mean())
         denoise = direction == "denoising"
         self.base_ids, self.source_ids = (corrupt, clean) if denoise else (clean, corrupt)
         self.m_base, self.m_source = (self.m_corrupt, self.m_clean) if denoise else (self.m_clean, self.m_corrupt)
+        # per-prompt metric of the base and source runs [batch] (one value when the metric reduces itself)
+        self.base_rows, self.source_rows = (corrupt_rows, clean_rows) if denoise else (clean_rows, corrupt_rows)
         if self.m_source == self.m_base:
             warnings.warn(
                 f"m(clean) == m(corrupt) == {self.m_clean}: normalised effects are 0/0 and reported as NaN",
@@ -163,18 +171,50 @@ class PatchingRuns:
         return out
 
     def _frame(self, rows: list[dict], metrics: np.ndarray) -> pd.DataFrame:
+        """The grid's rows with metric, effect, its bootstrap interval over prompt pairs and direction.
+
+        ``metrics``: ``[n_patch batch]`` per-prompt patched metrics (or ``[n_patch]`` means, which give
+        no interval).
+        """
         df = pd.DataFrame(rows)
         labels = self.token_labels()
         if labels is not None and "pos" in df:
             df.insert(list(df.columns).index("pos") + 1, "token", [labels[p] for p in df["pos"]])
-        df["metric"] = metrics
-        df["effect"] = self.effect(metrics)
+        metrics = np.asarray(metrics, dtype=np.float64).reshape(len(df), -1)
+        df["metric"] = metrics.mean(1)
+        df["effect"] = self.effect(df["metric"].to_numpy())
+        df["ci_low"], df["ci_high"] = self.effect_interval(metrics)
         df["direction"] = self.direction  # denoising: clean patched into corrupt; noising: the reverse
+        df.attrs.update(level=self.level, n_prompts=self.n_prompts)
         return df
+
+    def effect_interval(self, patched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile bootstrap interval of the normalised effect over prompt pairs, ``level``/``n_boot``/``seed``
+        of the setup: each resample draws pairs with replacement and recomputes
+        ``(m(patched) - m(base)) / (m(source) - m(base))`` from the stored per-prompt metrics (no model run).
+
+        ``patched [n_patch batch]``. NaN with a single pair, a metric that returns one value for the batch,
+        or a resample where m(source) == m(base).
+        """
+        patched = np.asarray(patched, dtype=np.float64)
+        n_prompts = self.base_rows.shape[0]
+        if n_prompts < 2 or patched.ndim != 2 or patched.shape[1] != n_prompts:
+            nan = np.full(patched.shape[0], math.nan)
+            return nan, nan.copy()
+        weights = resample_weights(n_prompts, self.n_boot, self.seed) / n_prompts  # each row sums to 1
+        m_patched, m_base, m_source = weights @ patched.T, weights @ self.base_rows, weights @ self.source_rows
+        gap = m_source - m_base
+        gap[gap == 0] = math.nan
+        return percentile_interval((m_patched - m_base[:, None]) / gap[:, None], self.level)
 
     # ------------------------------------------------------------------------ batched runs
     def run_patches(self, patches: list, make_hooks: Callable[[list], Hooks], desc: str = "patching") -> np.ndarray:
-        """Mean metric of the base run under each patch -> ``[len(patches)]`` (float64).
+        """Mean metric of the base run under each patch -> ``[len(patches)]`` (float64); see :meth:`run_patch_rows`."""
+        return self.run_patch_rows(patches, make_hooks, desc).mean(1)
+
+    def run_patch_rows(self, patches: list, make_hooks: Callable[[list], Hooks], desc: str = "patching") -> np.ndarray:
+        """Per-prompt metric of the base run under each patch -> ``[len(patches) batch]`` (float64;
+        ``[len(patches) 1]`` when the metric returns one value for the batch).
 
         ``make_hooks(chunk)`` returns the forward hooks for a chunk of patches run together: the base
         batch repeated ``len(chunk)`` times, copy ``i`` (rows ``i*batch .. (i+1)*batch``) patched by
@@ -196,8 +236,8 @@ class PatchingRuns:
                         logits = self.model.forward_from(start, resid, ids)
                 else:
                     logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
-                out += [reduce_metric(self.metric(logits[i * b : (i + 1) * b])).item() for i in range(len(chunk))]
-        return np.asarray(out, dtype=np.float64)
+                out += [_per_prompt(self.metric(logits[i * b : (i + 1) * b])) for i in range(len(chunk))]
+        return np.stack(out) if out else np.zeros((0, self.n_prompts))
 
     def masked_hooks(self, chunk: list[dict[str, torch.Tensor]]) -> Hooks:
         """Hooks for patches given as ``{hook name: bool mask [batch ...leading dims]}``: where the mask
@@ -212,6 +252,14 @@ class PatchingRuns:
             mask = mask.reshape(mask.shape + (1,) * (src.ndim - mask.ndim)).to(src.device)
             hooks.append((name, _replace(mask, src.repeat(len(chunk), *[1] * (src.ndim - 1)))))
         return hooks
+
+
+def _per_prompt(value: torch.Tensor) -> np.ndarray:
+    """A metric's value as float64 ``[batch]`` (``[1]`` for a metric that already reduced the batch)."""
+    value = torch.as_tensor(value).detach().float()
+    if value.ndim > 1:
+        value = value.flatten(1).mean(1)  # reduce_metric takes the mean of everything: same overall mean
+    return value.reshape(-1).cpu().numpy().astype(np.float64)
 
 
 def _replace(mask: torch.Tensor, src: torch.Tensor) -> Callable:

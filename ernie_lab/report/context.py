@@ -111,8 +111,9 @@ class Context:
         def build():
             batch = pair_batch(self.tokenizer, self.pairs(opts["dataset"]).rows, opts["task"], opts["n_pairs"])
             setup = PatchingSetup(
-                self.model, batch.clean, batch.corrupt, batch.metric(), tokenizer=self.tokenizer, progress=False
-            )
+                self.model, batch.clean, batch.corrupt, batch.metric(), tokenizer=self.tokenizer, progress=False,
+                seed=self.spec["seed"],
+            )  # fmt: skip
             return setup, batch
 
         return self.memo(key, build)

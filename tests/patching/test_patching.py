@@ -190,7 +190,7 @@ def test_token_labels_and_frame_layout(model):
 
     clean, corrupt = pair()
     df = P.patch_residual(model, clean, corrupt, P.logit_diff(5, 6), tokenizer=Tok(), layers=[0], progress=False)
-    assert list(df.columns) == ["hook", "layer", "pos", "token", "metric", "effect", "direction"]
+    assert list(df.columns) == ["hook", "layer", "pos", "token", "metric", "effect", "ci_low", "ci_high", "direction"]
     assert df["token"][0] == f"t{clean[0].item()}"
     assert df["token"][DIFF] == f"t{clean[DIFF].item()}/t{corrupt[DIFF].item()}"
 
