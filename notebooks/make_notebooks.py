@@ -107,8 +107,11 @@ PATCHING = [
     'batch = el.report.pair_batch(tok, load_prompt_set("patching_pairs"), task="recall", n_pairs=4)\n'
     "setup = el.patching.PatchingSetup(model, batch.clean, batch.corrupt, batch.metric(), tokenizer=tok, "
     "progress=False)\nsetup.m_clean, setup.m_corrupt",
-    "**Residual stream**: patch `hook_resid_pre` at one (layer, position).",
+    "**Residual stream**: patch `hook_resid_pre` at one (layer, position). Every grid carries the effect's 95% "
+    "bootstrap interval over the pairs (`ci_low`, `ci_high`): with 4 pairs it is wide, and the heatmap dots the "
+    "cells whose interval includes 0, the ones not distinguishable from no effect.",
     'resid = setup.residual("resid_pre")\nel.patching.plot_patching_heatmap(resid)',
+    'resid.sort_values("effect", ascending=False)[["layer", "pos", "token", "effect", "ci_low", "ci_high"]].head(6)',
     "**Attention heads**: patch one head's output (`hook_z`) at every position.",
     "el.patching.plot_head_grid(setup.heads())",
     "**Routing patching**: the corrupted run takes the clean run's expert choice and weights in one MoE layer "
@@ -133,8 +136,8 @@ ABLATION = [
     "imp = el.ablation.expert_importance(model, texts, layers=[L], tokenizer=tok, progress=False)\n"
     "el.ablation.plot_importance(imp, layer=L)",
     "**Pruning curve**: ablate the least important experts together, more and more of them.",
-    "curve = el.ablation.pruning_curve(\n    model, texts, L, importance=imp, steps=[0, 4, 8, 12, 16], tokenizer=tok, "
-    "progress=False\n)\nel.ablation.plot_pruning_curve(curve)",
+    "E = model.config.moe_num_experts\ncurve = el.ablation.pruning_curve(\n    model, texts, L, importance=imp, "
+    "steps=range(0, E + 1, max(1, E // 4)), tokenizer=tok, progress=False\n)\nel.ablation.plot_pruning_curve(curve)",
     "**Per domain**: the two most important experts rerouted together, Δloss by domain.",
     'top2 = imp.query("not control and rank <= 2").expert.tolist()  # control rows: random experts\n'
     "el.ablation.ablation_effect(\n"

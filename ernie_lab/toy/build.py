@@ -7,7 +7,9 @@ end, so an interrupted run leaves no half-written checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -106,7 +108,7 @@ def _md(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
-def _dissociation_section(dis: pd.DataFrame) -> str:
+def _dissociation_section(dis: pd.DataFrame, config) -> str:
     """The card's causal evidence: the dissociation table with intervals, controls and the other domains."""
     c = CRITERIA
     shown = dis.assign(
@@ -132,8 +134,9 @@ Zeroing every routed expert of a layer raises the overall held-out NLL by
 - Shows: routed experts that carry domain knowledge causally where a row above passes —
   {_passing(dis)}. The Chinese corpus states facts of a fixed table of people (job, city, hobby, age,
   favourite colour) that only memory can supply, so the Chinese experts matter.
-- Does not show: {_failing(dis, zero_all)}. Its 16 experts top-2 are not ERNIE-4.5's 64 top-6/top-8,
-  and its corpus is synthetic: use it to learn and test the tools, not to make claims about ERNIE 4.5.
+- Does not show: {_failing(dis, zero_all)}. Its {config.moe_num_experts} experts top-{config.moe_k} are not
+  ERNIE-4.5's 64 top-6/top-8, and its corpus is synthetic: use it to learn and test the tools, not to make
+  claims about ERNIE 4.5.
 """
 
 
@@ -171,6 +174,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
         "n_params": n_params,
         "heldout_nll": dict(zip(nll["domain"], nll["nll"].round(4))),
         "shuffled_nll": dict(zip(shuffled["domain"], shuffled["nll"].round(4))),
+        "heldout_nats_per_char": dict(zip(nll["domain"], nll["nats_per_char"].round(4))),
         "task_accuracy": dict(zip(acc["task"], acc["accuracy"].round(4))),
         "balance_with_bias": bal.loc["with"].round(4).to_dict(),
         "balance_without_bias": bal.loc["without"].round(4).to_dict(),
@@ -203,9 +207,10 @@ this project; not derived from Baidu's weights.
 ![loss](loss_curve.png)
 
 ## Held-out next-token NLL (nats), data/prompts/domains.jsonl
-{summary_line(nll, shuffled)}
+{summary_line(nll, shuffled)}. `nll` is per predicted token; `nats_per_char`, the same sum over the texts'
+characters, compares models whose tokenizers differ.
 
-{_md(nll.merge(shuffled, on=["domain", "n_tokens"], suffixes=("", "_shuffled")))}
+{_md(nll.merge(shuffled.drop(columns="nats_per_char"), on=["domain", "n_tokens"], suffixes=("", "_shuffled")), 4)}
 
 ## Task accuracy (greedy, exact answer), data/prompts/tasks.jsonl
 `recall` and `chat` ask trained facts in phrasings training never used; `ioi` uses places training
@@ -226,7 +231,7 @@ Most specialised (layer, expert, domain) by lift = spec / (k/E):
 
 ![domain load](domain_load.png)
 
-{_dissociation_section(dis)}
+{_dissociation_section(dis, model.config)}
 """
     (ckpt / "README.md").write_text(card)
 
@@ -239,4 +244,8 @@ def rewrite_card(ckpt: str | Path) -> None:
     metrics = json.loads((ckpt / "metrics.json").read_text())
     facts = {key: metrics[key] for key in ("n_docs", "n_tokens", "seconds")}
     model, tokenizer = load_model_dir(ckpt), load_tokenizer(ckpt)
-    _write_card(ckpt, model, tokenizer, TrainSettings(**metrics["settings"]), facts)
+    # the new card is written beside the checkpoint first, so a failed evaluation leaves the old card whole
+    with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=f".{ckpt.name}-card-") as tmp:
+        _write_card(Path(tmp), model, tokenizer, TrainSettings(**metrics["settings"]), facts)
+        for name in sorted(os.listdir(tmp)):
+            os.replace(Path(tmp) / name, ckpt / name)

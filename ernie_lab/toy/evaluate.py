@@ -26,7 +26,9 @@ def _batches(rows: list, size: int):
 def heldout_nll(
     model, tokenizer, rows: list[dict], batch_size: int = 16, shuffle_seed: int | None = None
 ) -> pd.DataFrame:
-    """Mean next-token NLL (nats) per domain over ``rows`` ``{"domain", "text"}``.
+    """Mean next-token NLL (nats) per domain over ``rows`` ``{"domain", "text"}``: columns domain, n_tokens,
+    nll (per predicted token) and nats_per_char (the summed NLL over the texts' characters, which compares
+    models with different tokenizers).
 
     With ``shuffle_seed`` each text's tokens are permuted first: the baseline a model that learned
     only unigram statistics would reach, so a large gap means the model learned structure.
@@ -34,6 +36,7 @@ def heldout_nll(
     gen = torch.Generator().manual_seed(shuffle_seed or 0)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    chars: dict[str, int] = {}
     for chunk in _batches(rows, batch_size):
         ids = [encode_document(tokenizer, r) for r in chunk]
         if shuffle_seed is not None:
@@ -46,9 +49,12 @@ def heldout_nll(
             valid = row_nll[~row_nll.isnan()]
             sums[r["domain"]] = sums.get(r["domain"], 0.0) + valid.sum().item()
             counts[r["domain"]] = counts.get(r["domain"], 0) + valid.numel()
-    return pd.DataFrame([{"domain": d, "n_tokens": counts[d], "nll": sums[d] / counts[d]} for d in sums]).sort_values(
-        "domain", ignore_index=True
-    )
+            chars[r["domain"]] = chars.get(r["domain"], 0) + len(r["text"])
+    frame = [
+        {"domain": d, "n_tokens": counts[d], "nll": sums[d] / counts[d], "nats_per_char": sums[d] / chars[d]}
+        for d in sums
+    ]
+    return pd.DataFrame(frame).sort_values("domain", ignore_index=True)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Train the embedded toy ERNIE 4.5 MoE on the synthetic corpus.
 
 The model has ERNIE 4.5's exact architecture at a laptop scale (first layer dense, the rest MoE,
-16 routed experts top-2, 1 shared expert). Experts are balanced the way ERNIE 4.5 does it,
+8 routed experts top-2, 1 shared expert). Experts are balanced the way ERNIE 4.5 does it,
 aux-loss free: after every step each MoE layer's ``e_score_correction_bias`` moves by ``gamma`` toward
 balance, ``bias_e += gamma * sign(mean_load - load_e)`` (Wang et al. 2024, "Auxiliary-Loss-Free Load
 Balancing Strategy for Mixture-of-Experts"); the bias only affects selection, not the mixing weights.
@@ -24,13 +24,15 @@ from ernie_lab.model.ernie import ErnieMoE
 TOY_SHAPE = dict(
     hidden_size=160,
     intermediate_size=256,  # the dense first layer: small, so domain knowledge has to live in the experts
-    num_hidden_layers=5,  # few layers, each one needed (6 left the middle MoE layers almost dispensable)
+    num_hidden_layers=5,  # layer 0 dense, 1-4 MoE (6 layers left the middle MoE layers almost dispensable)
     num_attention_heads=4,
     num_key_value_heads=2,
-    moe_num_experts=16,
+    # 8 experts top-2 (Mixtral's granularity): a domain's top-2 experts hold more of its routed slots (37-67%
+    # against 35-59% with 16); chosen by measurement over 7 runs, and seeds swing the result (README)
+    moe_num_experts=8,
     moe_k=2,
-    moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
-    moe_intermediate_size=128,
+    moe_num_shared_experts=1,  # shared width 256 against 2 x 256 routed per token and 8 x 256 stored
+    moe_intermediate_size=256,
     moe_layer_start_index=1,
     max_position_embeddings=1024,
     tie_word_embeddings=True,

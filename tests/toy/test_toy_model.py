@@ -41,7 +41,7 @@ def test_toy_shape_is_ernie(toy):
     model, tok = toy
     cfg = model.config
     assert not cfg.is_moe_layer(0) and all(cfg.is_moe_layer(i) for i in range(1, cfg.num_hidden_layers))
-    assert cfg.moe_num_experts >= 16 and cfg.moe_k > 1 and cfg.moe_num_shared_experts >= 1
+    assert cfg.moe_num_experts >= 8 and cfg.moe_k > 1 and cfg.moe_num_shared_experts >= 1
     assert cfg.vocab_size == tok.vocab_size
     assert (REPO / "data" / "toy" / "model.safetensors").stat().st_size <= 24 * 2**20
 
@@ -64,11 +64,16 @@ def test_heldout_nll_far_below_shuffled(toy, domains):
     # every domain: the model predicts real text far better than the same tokens shuffled
     gap = shuffled.set_index("domain")["nll"] - nll.set_index("domain")["nll"]
     assert (gap > 1.0).all(), gap
+    # nats per character: the same summed NLL over the domain's characters
+    chars = {d: sum(len(r["text"]) for r in domains if r["domain"] == d) for d in nll["domain"]}
+    total = nll["nll"] * nll["n_tokens"]
+    per_char = [t / chars[d] for t, d in zip(total, nll["domain"])]
+    assert nll["nats_per_char"].tolist() == pytest.approx(per_char, rel=1e-9)
 
 
 def test_task_accuracy_floors(toy):
     model, tok = toy
-    # measured on the shipped checkpoint: recall 0.88, ioi 0.97, arithmetic 0.97, chat 0.72
+    # measured on the shipped checkpoint: recall 0.80, ioi 0.98, arithmetic 0.98, chat 0.55
     # (arithmetic_2digit, 0.02, has no floor: the toy model recalls sums, it did not learn to add)
     floors = {"recall": 0.6, "ioi": 0.7, "arithmetic": 0.7, "chat": 0.4}
     rows = [r for r in load_prompt_set("tasks") if r["task"] in floors]
