@@ -45,9 +45,7 @@ def _noise_cells(df: pd.DataFrame, table: pd.DataFrame, columns: str, value: str
         return None, ""
     if df.duplicated(["layer", columns]).any():  # cells averaged over several rows: their intervals do not combine
         return None, ""
-    lo = df.pivot_table(index="layer", columns=columns, values="ci_low", aggfunc="mean", dropna=False)
-    hi = df.pivot_table(index="layer", columns=columns, values="ci_high", aggfunc="mean", dropna=False)
-    lo, hi = lo.reindex_like(table), hi.reindex_like(table)
+    lo, hi = (df.pivot(index="layer", columns=columns, values=v).reindex_like(table) for v in ("ci_low", "ci_high"))
     level, n = df.attrs.get("level"), df.attrs.get("n_prompts")
     interval = f"{level:.0%} interval" if level else "interval"
     over = f" over {n} pairs" if n else ""

@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from ernie_lab.model.checks import as_int, as_ints
 from ernie_lab.model.hook_points import first_edited_layer
-from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT, check_interval, percentile_interval, resample_weights
+from ernie_lab.noise import (
+    DEFAULT_LEVEL,
+    DEFAULT_N_BOOT,
+    check_interval,
+    percentile_interval,
+    resample_weights,
+    resampled_means,
+)
 from ernie_lab.patching.metrics import Metric
 from ernie_lab.plots import sequence_tokens, token_label
 
@@ -201,17 +208,15 @@ class PatchingRuns:
         if n_prompts < 2 or patched.ndim != 2 or patched.shape[1] != n_prompts:
             nan = np.full(patched.shape[0], math.nan)
             return nan, nan.copy()
-        weights = resample_weights(n_prompts, self.n_boot, self.seed) / n_prompts  # each row sums to 1
-        m_patched, m_base, m_source = weights @ patched.T, weights @ self.base_rows, weights @ self.source_rows
+        weights = resample_weights(n_prompts, self.n_boot, self.seed)
+        m_patched, m_base, m_source = (
+            resampled_means(v, weights=weights) for v in (patched.T, self.base_rows, self.source_rows)
+        )
         gap = m_source - m_base
         gap[gap == 0] = math.nan
         return percentile_interval((m_patched - m_base[:, None]) / gap[:, None], self.level)
 
     # ------------------------------------------------------------------------ batched runs
-    def run_patches(self, patches: list, make_hooks: Callable[[list], Hooks], desc: str = "patching") -> np.ndarray:
-        """Mean metric of the base run under each patch -> ``[len(patches)]`` (float64); see :meth:`run_patch_rows`."""
-        return self.run_patch_rows(patches, make_hooks, desc).mean(1)
-
     def run_patch_rows(self, patches: list, make_hooks: Callable[[list], Hooks], desc: str = "patching") -> np.ndarray:
         """Per-prompt metric of the base run under each patch -> ``[len(patches) batch]`` (float64;
         ``[len(patches) 1]`` when the metric returns one value for the batch).
