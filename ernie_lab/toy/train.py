@@ -28,7 +28,7 @@ TOY_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     # 8 experts top-2 (Mixtral's granularity): a domain's top-2 experts hold more of its routed slots (37-67%
-    # against 35-59% with 16); chosen by measurement over 9 runs, and seeds swing the result (README)
+    # against 35-59% with 16); chosen by measurement over 14 runs, and seeds swing the result (README)
     moe_num_experts=8,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 256 against 2 x 256 routed per token and 8 x 256 stored
