@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -245,7 +244,7 @@ def rewrite_card(ckpt: str | Path) -> None:
     facts = {key: metrics[key] for key in ("n_docs", "n_tokens", "seconds")}
     model, tokenizer = load_model_dir(ckpt), load_tokenizer(ckpt)
     # the new card is written beside the checkpoint first, so a failed evaluation leaves the old card whole
-    with tempfile.TemporaryDirectory(dir=ckpt.parent, prefix=f".{ckpt.name}-card-") as tmp:
-        _write_card(Path(tmp), model, tokenizer, TrainSettings(**metrics["settings"]), facts)
+    with staging(ckpt) as tmp:
+        _write_card(tmp, model, tokenizer, TrainSettings(**metrics["settings"]), facts)
         for name in sorted(os.listdir(tmp)):
-            os.replace(Path(tmp) / name, ckpt / name)
+            os.replace(tmp / name, ckpt / name)
