@@ -19,6 +19,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--bias-gamma", type=float, default=defaults.bias_gamma, help="correction-bias step")
     p.add_argument("--aux-loss-coef", type=float, default=defaults.aux_loss_coef)
+    p.add_argument(
+        "--shared-dropout",
+        type=float,
+        default=defaults.shared_dropout,
+        help="probability of dropping a token's shared-expert output in training, in [0, 1)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--n-docs", type=int, default=None, help="corpus size in documents")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation and model card")
@@ -44,6 +50,8 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if not value >= 0 or (name == "lr" and value == 0):  # also rejects nan
             raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+    if not 0 <= args.shared_dropout < 1:  # also rejects nan
+        raise ValueError(f"--shared-dropout must be in [0, 1), got {args.shared_dropout}")
 
 
 def run(args) -> int:
@@ -60,6 +68,7 @@ def run(args) -> int:
         lr=args.lr,
         bias_gamma=args.bias_gamma,
         aux_loss_coef=args.aux_loss_coef,
+        shared_dropout=args.shared_dropout,
         seed=args.seed,
         warmup=min(TrainSettings().warmup, max(1, args.steps // 10)),
     )

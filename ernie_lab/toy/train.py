@@ -23,12 +23,14 @@ from ernie_lab.model.ernie import ErnieMoE
 
 TOY_SHAPE = dict(
     hidden_size=160,
-    intermediate_size=256,  # the dense first layer: small, so domain knowledge has to live in the experts
+    # the dense first layer: small, so domain knowledge has to live in the experts (at 64 its token-level
+    # work moves into layer 1's experts and layer 2 idles instead; README, runs Q-S)
+    intermediate_size=256,
     num_hidden_layers=5,  # layer 0 dense, 1-4 MoE (6 layers left the middle MoE layers almost dispensable)
     num_attention_heads=4,
     num_key_value_heads=2,
     # 8 experts top-2 (Mixtral's granularity): a domain's top-2 experts hold more of its routed slots (37-67%
-    # against 35-59% with 16); chosen by measurement over 14 runs, and seeds swing the result (README)
+    # against 35-59% with 16); chosen by measurement over 19 runs, and seeds swing the result (README)
     moe_num_experts=8,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 256 against 2 x 256 routed per token and 8 x 256 stored
@@ -52,6 +54,9 @@ class TrainSettings:
     grad_clip: float = 1.0
     bias_gamma: float = 2e-3  # correction-bias step per update (aux-loss-free balancing)
     aux_loss_coef: float = 0.0  # optional auxiliary load-balancing loss on top
+    # training only: drop each token's shared-expert output with this probability (inverted dropout), so
+    # the routed experts cannot lean on the shared one for what they would otherwise both hold
+    shared_dropout: float = 0.0
     seed: int = 0
 
 
@@ -101,6 +106,20 @@ class _RouterTap:
         self.probs[hook.layer] = probs
 
 
+class _SharedDropout:
+    """Hook that zeroes each token's shared-expert output with probability ``p`` (rescaling the rest by
+    ``1 / (1 - p)``), drawing from its own seeded generator so training stays deterministic."""
+
+    def __init__(self, p: float, seed: int):
+        if not 0 <= p < 1:
+            raise ValueError(f"shared_dropout must be in [0, 1), got {p}")
+        self.p, self.gen = p, torch.Generator().manual_seed(seed + 1)
+
+    def __call__(self, out: torch.Tensor, hook) -> torch.Tensor:
+        keep = torch.rand(out.shape[:-1], generator=self.gen) >= self.p
+        return out * keep.unsqueeze(-1).to(out.dtype) / (1 - self.p)
+
+
 def _aux_loss(tap: _RouterTap, n_expert: int) -> torch.Tensor:
     """Switch-style balance loss ``E * sum_e f_e * P_e`` averaged over MoE layers."""
     losses = []
@@ -146,11 +165,14 @@ def train(
         betas=(0.9, 0.95),
     )
     tap = _RouterTap(model, keep_probs=s.aux_loss_coef > 0)
+    hooks = list(tap.hooks)
+    if s.shared_dropout > 0:
+        hooks.append(("blocks.*.moe.hook_shared_out", _SharedDropout(s.shared_dropout, s.seed)))
     log = TrainLog()
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(s.steps), desc="train-toy", disable=not progress)
-    with model.hooks(tap.hooks):
+    with model.hooks(hooks):
         for step in bar:
             lr = lr_at(step, s)
             for group in opt.param_groups:

@@ -6,6 +6,7 @@ lists the measured values) so that they catch a broken checkpoint or loader, not
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -122,6 +123,25 @@ def test_train_is_deterministic():
         torch.manual_seed(0)
         logs.append(train(el.ErnieMoE(cfg), stream, TrainSettings(steps=4, batch_size=2, seq_len=16), progress=False))
     assert logs[0].loss == logs[1].loss
+
+
+def test_shared_dropout_is_seeded_acts_in_training_only_and_checks_its_range():
+    cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
+    stream = torch.arange(3000) % 61
+    settings = TrainSettings(steps=4, batch_size=2, seq_len=16, shared_dropout=0.5)
+    runs = []
+    for s in (settings, settings, dataclasses.replace(settings, shared_dropout=0.0)):
+        torch.manual_seed(0)
+        model = el.ErnieMoE(cfg)
+        runs.append((model, train(model, stream, s, progress=False)))
+    assert runs[0][1].loss == runs[1][1].loss  # seeded: the same drops every time
+    assert runs[0][1].loss[1:] != runs[2][1].loss[1:]  # and it does drop something
+    model = runs[0][0]
+    x = (stream[:64] + 1).reshape(2, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no hook left behind: the trained model is deterministic
+    with pytest.raises(ValueError, match=r"shared_dropout must be in \[0, 1\), got 1.0"):
+        train(el.ErnieMoE(cfg), stream, dataclasses.replace(settings, shared_dropout=1.0), progress=False)
 
 
 def test_toy_resolves_after_non_editable_install(tmp_path):
