@@ -59,6 +59,10 @@ class TrainSettings:
     shared_dropout: float = 0.0
     seed: int = 0
 
+    def __post_init__(self):
+        if not 0 <= self.shared_dropout < 1:  # also rejects nan, which would otherwise switch it off silently
+            raise ValueError(f"shared_dropout must be in [0, 1), got {self.shared_dropout}")
+
 
 @dataclass
 class TrainLog:
@@ -111,8 +115,6 @@ class _SharedDropout:
     ``1 / (1 - p)``), drawing from its own seeded generator so training stays deterministic."""
 
     def __init__(self, p: float, seed: int):
-        if not 0 <= p < 1:
-            raise ValueError(f"shared_dropout must be in [0, 1), got {p}")
         self.p, self.gen = p, torch.Generator().manual_seed(seed + 1)
 
     def __call__(self, out: torch.Tensor, hook) -> torch.Tensor:
