@@ -129,7 +129,7 @@ def heatmap(
     else:
         norm = Normalize(*(finite.min(), finite.max()) if finite.size else (0, 1))
     image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
-    ax.figure.colorbar(image, ax=ax, label=label)
+    ax.figure.colorbar(image, ax=ax, label=_fit_to_height(label, ax))
     _ticks(ax.set_xticks, table.columns, max_ticks, rotation=90 if len(table.columns) > 12 else 0)
     _ticks(ax.set_yticks, table.index, max_ticks)
     ax.set_xlabel(str(table.columns.name or ""))
@@ -138,6 +138,17 @@ def heatmap(
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="w")
+
+
+def _fit_to_height(label: str, ax: Axes) -> str:
+    """Wrap a colour-bar label onto lines no longer than the bar is tall, so a heatmap with few rows
+    (a 3-layer model's load) never clips it. The bar gets about 60% of the figure's height."""
+    from matplotlib import rcParams
+    from matplotlib.font_manager import FontProperties
+
+    points = FontProperties(size=rcParams["axes.labelsize"]).get_size_in_points()
+    per_line = max(8, int(0.6 * ax.figure.get_figheight() * 72 / (0.6 * points)))
+    return "\n".join(textwrap.wrap(label, per_line)) if label else label
 
 
 def _ticks(setter, labels: Sequence, max_ticks: int, rotation: float = 0) -> None:

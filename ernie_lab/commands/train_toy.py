@@ -1,4 +1,4 @@
-"""``ernie-lab train-toy --out DIR``: train the embedded toy model from scratch (CPU, ~26 min on 1 thread)."""
+"""``ernie-lab train-toy --out DIR``: train the embedded toy model from scratch (CPU, ~20 min on 1 thread)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from string import Template
 
 from ernie_lab.toy.world import COLOURS, PETS, WORLD
@@ -47,17 +47,20 @@ class ChinesePerson:
     hobby: str
     age: int
     colour: str
+    friend: int = -1  # index of their friend in the table
 
 
 def _chinese_people(n: int = 96, seed: int = 4_5_86) -> tuple[ChinesePerson, ...]:
     """A fixed table of ``n`` people with distinct names, built once from ``seed`` (never a corpus seed).
 
     The facts are knowledge the corpus repeats and only memory can supply: the toy model must store
-    them somewhere, and the routed experts its Chinese tokens use are the natural place.
+    them somewhere, and the routed experts its Chinese tokens use are the natural place. Everyone has
+    a friend (one cycle through the table, drawn after the other facts); sentences about a friend's city,
+    job or hobby are two-hop facts, Chinese-only work for the middle layers as well (README, runs W-Y).
     """
     rng = random.Random(seed)
     names = rng.sample([s + g for s in _SURNAMES for g in _GIVEN], n)
-    return tuple(
+    people = [
         ChinesePerson(
             name,
             rng.choice(_CN_JOBS),
@@ -67,7 +70,11 @@ def _chinese_people(n: int = 96, seed: int = 4_5_86) -> tuple[ChinesePerson, ...
             rng.choice(_CN_COLOURS),
         )
         for name in names
-    )
+    ]
+    order = list(range(n))
+    rng.shuffle(order)  # a single cycle through the table: everyone's friend is someone else
+    friend = {order[i]: order[(i + 1) % n] for i in range(n)}
+    return tuple(replace(p, friend=friend[i]) for i, p in enumerate(people))
 
 
 CN_PEOPLE = _chinese_people()
@@ -76,6 +83,7 @@ CN_PEOPLE = _chinese_people()
 def _chinese_fact(rng: random.Random) -> str:
     """A sentence stating facts of one person of ``CN_PEOPLE`` (the same facts in every document)."""
     p = rng.choice(CN_PEOPLE)
+    f = CN_PEOPLE[p.friend]
     choices = (
         f"{p.name}是一名{p.job}，住在{p.city}。",
         f"{p.name}住在{p.city}，是一名{p.job}。",
@@ -85,6 +93,10 @@ def _chinese_fact(rng: random.Random) -> str:
         f"{p.name}今年{p.age}岁。",
         f"{p.name}最喜欢{p.colour}。",
         f"{p.name}的家在{p.city}。",
+        f"{p.name}的朋友是{f.name}。",
+        f"{p.name}的朋友住在{f.city}。",
+        f"{p.name}的朋友是一名{f.job}。",
+        f"{p.name}的朋友喜欢{f.hobby}。",
     )
     return rng.choice(choices)
 
@@ -235,20 +247,14 @@ def _order_record(rng: random.Random) -> dict:
     }
 
 
-def _chinese_record(rng: random.Random) -> dict:
-    return {
-        "姓名": chinese_name(rng),
-        "年龄": rng.randint(6, 80),
-        "城市": rng.choice(_CN_PLACES),
-        "职业": rng.choice(_CN_JOBS),
-    }
-
-
 def _pet_record(rng: random.Random) -> dict:
     return {"pet": rng.choice(PETS), "owner": rng.choice(WORLD.people).name, "age": rng.randint(1, 15)}
 
 
 def records_document(rng: random.Random) -> str:
-    """Two to five JSON records of one kind, one per line."""
-    kind = rng.choice((_person_record, _person_record, _product_record, _order_record, _chinese_record, _pet_record))
+    """Two to five JSON records of one kind, one per line.
+
+    No Chinese rows: they made records share the Chinese experts (README, runs Q-R).
+    """
+    kind = rng.choice((_person_record, _person_record, _product_record, _order_record, _pet_record))
     return "\n".join(json.dumps(kind(rng), ensure_ascii=False) for _ in range(rng.randint(2, 5)))

@@ -3,9 +3,9 @@
 Experts are picked on one half of each domain's held-out texts (data/prompts/domains.jsonl) and
 ablated on the other half; see :mod:`ernie_lab.toy.causal` for the table's definition. A row "passes"
 by the full criteria (rise >= 0.10 nats, >= 3x any other domain's, >= 5x the random-pair control).
-The floors below are what the shipped toy reaches (model card: arithmetic in all 4 MoE layers, Chinese
-in 2, zeroing a layer's routed experts >= 0.2 nats in 3 of 4); the goal of Chinese in 3 layers and every
-layer >= 0.2 nats is not reached yet.
+The floors below are what the shipped toy reaches (model card: arithmetic in all 3 MoE layers, Chinese
+in 2, zeroing any layer's routed experts >= 0.2 nats); the goal of Chinese in 3 layers is not reached
+yet (layer 1's Chinese pair shares an expert with records).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_effects_are_held_out_and_above_their_noise_floor(table):
 def test_routed_experts_matter_in_every_moe_layer(table):
     zero_all = table.groupby("layer").zero_all.first()
     control = table.groupby("layer").control.max()
-    # zeroing all routed experts costs more than 3x any random pair's mean rise on any domain, everywhere,
-    # and >= 0.2 nats in all layers but one
+    # zeroing all routed experts costs more than 3x any random pair's mean rise on any domain, and >= 0.2 nats,
+    # in every MoE layer
     assert (zero_all > 3 * control.clip(lower=0.001)).all(), (zero_all, control)
-    assert (zero_all >= 0.2).sum() >= len(zero_all) - 1 and zero_all.min() >= 0.15, zero_all
+    assert (zero_all >= 0.2).all(), zero_all
