@@ -19,9 +19,11 @@ from io import BytesIO
 
 import numpy as np
 import pandas as pd
+from matplotlib import rcParams
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 SIGNED_CMAP = "RdBu_r"  # diverging map for signed values: red > neutral > blue
 POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # the map's ends, for bars and points of signed values
@@ -142,10 +144,8 @@ def heatmap(
 
 def _fit_to_height(label: str, ax: Axes) -> str:
     """Wrap a colour-bar label onto lines no longer than the bar is tall, so a heatmap with few rows
-    (a 3-layer model's load) never clips it. The bar gets about 60% of the figure's height."""
-    from matplotlib import rcParams
-    from matplotlib.font_manager import FontProperties
-
+    (a 3-layer model's load) never clips it. The bar gets about 60% of the figure's height and a
+    character is about 0.6 of the font size wide."""
     points = FontProperties(size=rcParams["axes.labelsize"]).get_size_in_points()
     per_line = max(8, int(0.6 * ax.figure.get_figheight() * 72 / (0.6 * points)))
     return "\n".join(textwrap.wrap(label, per_line)) if label else label

@@ -152,9 +152,10 @@ def _failing(dis: pd.DataFrame, zero_all: pd.Series) -> str:
         parts.append(f"zeroing all routed experts of {', '.join(weak)} costs less than 0.2 nats overall")
     if quiet:
         parts.append(f"no layer's top-lift pair is causal for {', '.join(quiet)}")
-    zh = dis[(dis.domain == "chinese") & ~dis.passes]
-    if len(zh) and len(zh) < len(dis[dis.domain == "chinese"]):  # the Chinese story's gaps, with their reason
-        gaps = [f"L{r.layer} ({r.delta:+.3f}, with {r.other:+.3f} on {r.other_domain})" for r in zh.itertuples()]
+    zh = dis[dis.domain == "chinese"]
+    misses = zh[~zh.passes]
+    if 0 < len(misses) < len(zh):  # the Chinese story's gaps, with their reason
+        gaps = [f"L{r.layer} ({r.delta:+.3f}, with {r.other:+.3f} on {r.other_domain})" for r in misses.itertuples()]
         parts.append(f"the Chinese pair misses at {', '.join(gaps)}")
     return "; ".join(parts) or "every MoE layer matters and every domain has a causal pair"
 

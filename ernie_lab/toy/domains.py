@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from string import Template
 
 from ernie_lab.toy.world import COLOURS, PETS, WORLD
@@ -47,7 +47,7 @@ class ChinesePerson:
     hobby: str
     age: int
     colour: str
-    friend: int = -1  # index of their friend in the table
+    friend: int  # index of their friend in the table
 
 
 def _chinese_people(n: int = 96, seed: int = 4_5_86) -> tuple[ChinesePerson, ...]:
@@ -60,21 +60,20 @@ def _chinese_people(n: int = 96, seed: int = 4_5_86) -> tuple[ChinesePerson, ...
     """
     rng = random.Random(seed)
     names = rng.sample([s + g for s in _SURNAMES for g in _GIVEN], n)
-    people = [
-        ChinesePerson(
-            name,
+    facts = [
+        (
             rng.choice(_CN_JOBS),
             rng.choice(_CN_PLACES),
             rng.choice(_CN_HOBBIES),
             rng.randint(6, 80),
             rng.choice(_CN_COLOURS),
         )
-        for name in names
+        for _ in names
     ]
     order = list(range(n))
     rng.shuffle(order)  # a single cycle through the table: everyone's friend is someone else
-    friend = {order[i]: order[(i + 1) % n] for i in range(n)}
-    return tuple(replace(p, friend=friend[i]) for i, p in enumerate(people))
+    friend = dict(zip(order, order[1:] + order[:1]))
+    return tuple(ChinesePerson(name, *facts[i], friend=friend[i]) for i, name in enumerate(names))
 
 
 CN_PEOPLE = _chinese_people()

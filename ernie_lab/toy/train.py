@@ -30,8 +30,8 @@ TOY_SHAPE = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    # 16 experts top-2: six domains' pairs fit without sharing an expert (with 8, every domain's pair shared
-    # one with another domain, README run W2); chosen by measurement over 29 runs, seeds swing the result
+    # 16 experts top-2: six domains' pairs need not share an expert (with 8, five of six pairs in run W2's
+    # layer 1 shared one with another domain; README); chosen over 29 runs, seeds swing the result
     moe_num_experts=16,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
