@@ -152,6 +152,10 @@ def _failing(dis: pd.DataFrame, zero_all: pd.Series) -> str:
         parts.append(f"zeroing all routed experts of {', '.join(weak)} costs less than 0.2 nats overall")
     if quiet:
         parts.append(f"no layer's top-lift pair is causal for {', '.join(quiet)}")
+    narrow = dis[dis.passes & (dis.ci_low < CRITERIA["min_delta"])]
+    if len(narrow):  # passes on the point estimate, but the interval reaches below the bar
+        rows = [f"{r.domain} at L{r.layer} ({r.delta:+.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}])" for r in narrow.itertuples()]
+        parts.append(f"passes whose interval reaches below {CRITERIA['min_delta']:.2f} nats are narrow: {', '.join(rows)}")
     zh = dis[dis.domain == "chinese"]
     misses = zh[~zh.passes]
     if 0 < len(misses) < len(zh):  # the Chinese story's gaps, with their reason

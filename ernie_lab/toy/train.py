@@ -31,7 +31,7 @@ TOY_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     # 16 experts top-2: six domains' pairs need not share an expert (with 8, five of six pairs in run W2's
-    # layer 1 shared one with another domain; README); chosen over 29 runs, seeds swing the result
+    # layer 1 shared one with another domain; README); chosen over 36 runs, seeds swing the result
     moe_num_experts=16,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
@@ -57,8 +57,9 @@ class TrainSettings:
     aux_loss_coef: float = 0.0  # optional auxiliary load-balancing loss on top
     # training only: drop each token's shared-expert output with this probability (inverted dropout), so
     # the routed experts cannot lean on the shared one for what they would otherwise both hold
-    # (0.3: zeroing any layer's routed experts then costs >= 0.2 nats; README, runs U-Y)
-    shared_dropout: float = 0.3
+    # (0.3: zeroing any layer's routed experts then costs >= 0.2 nats, runs U-Z; 0.5: Chinese passes the
+    # dissociation in all 3 MoE layers as well, run D5; README)
+    shared_dropout: float = 0.5
     seed: int = 0
 
     def __post_init__(self):

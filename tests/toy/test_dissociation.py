@@ -3,9 +3,9 @@
 Experts are picked on one half of each domain's held-out texts (data/prompts/domains.jsonl) and
 ablated on the other half; see :mod:`ernie_lab.toy.causal` for the table's definition. A row "passes"
 by the full criteria (rise >= 0.10 nats, >= 3x any other domain's, >= 5x the random-pair control).
-The floors below are what the shipped toy reaches (model card: arithmetic in all 3 MoE layers, Chinese
-in 2, zeroing any layer's routed experts >= 0.2 nats); the goal of Chinese in 3 layers is not reached
-yet (layer 1's Chinese pair shares an expert with records).
+The floors below are the issue's acceptance, which the shipped toy reaches (model card: arithmetic and
+Chinese in all 3 MoE layers, Chinese at layer 1 narrowly, +0.101 nats; zeroing any layer's routed experts
+>= 0.37 nats).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ def table():
     return el.toy.dissociation(model, tok, controls=4, n_boot=400)
 
 
-def test_a_domain_dissociates_in_every_layer_and_chinese_in_two(table):
+def test_chinese_and_another_domain_dissociate_in_every_moe_layer(table):
     passing = table[table.passes].groupby("domain").layer.nunique()
-    assert passing.get("chinese", 0) >= 2, table.query("domain == 'chinese'").to_string()
-    assert (passing == table.layer.nunique()).any(), table.to_string()
+    n_layers = table.layer.nunique()
+    assert n_layers >= 3
+    assert passing.get("chinese", 0) == n_layers, table.query("domain == 'chinese'").to_string()
+    assert (passing.drop("chinese", errors="ignore") == n_layers).any(), table.to_string()
 
 
 def test_effects_are_held_out_and_above_their_noise_floor(table):
