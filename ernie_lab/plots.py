@@ -145,9 +145,10 @@ def heatmap(
 def _fit_to_height(label: str, ax: Axes) -> str:
     """Wrap a colour-bar label onto lines no longer than the bar is tall, so a heatmap with few rows
     (a 3-layer model's load) never clips it. The bar gets about 60% of the figure's height and a
-    character is about 0.6 of the font size wide."""
+    character is about 0.6 of the font size wide, so a line holds about one character per point of
+    figure height over the font size."""
     points = FontProperties(size=rcParams["axes.labelsize"]).get_size_in_points()
-    per_line = max(8, int(0.6 * ax.figure.get_figheight() * 72 / (0.6 * points)))
+    per_line = max(8, int(ax.figure.get_figheight() * 72 / points))
     return "\n".join(textwrap.wrap(label, per_line)) if label else label
 
 
