@@ -25,7 +25,7 @@ from ernie_lab.toy.causal import CRITERIA, dissociation
 from ernie_lab.toy.chat import document_pieces
 from ernie_lab.toy.corpus import DEFAULT_N_DOCS as TOKENIZER_N_DOCS
 from ernie_lab.toy.corpus import training_corpus
-from ernie_lab.toy.evaluate import heldout_nll, routing_report, summary_line, task_accuracy
+from ernie_lab.toy.evaluate import heldout_nll, routing_report, shared_expert_effect, summary_line, task_accuracy
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
 from ernie_lab.toy.train import TrainSettings, toy_config, train
@@ -107,8 +107,9 @@ def _md(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
-def _dissociation_section(dis: pd.DataFrame, config) -> str:
-    """The card's causal evidence: the dissociation table with intervals, controls and the other domains."""
+def _dissociation_section(dis: pd.DataFrame, config, shared: pd.DataFrame, shared_dropout: float) -> str:
+    """The card's causal evidence: the dissociation table with intervals, controls and the other domains,
+    and what the shared experts carry."""
     c = CRITERIA
     shown = dis.assign(
         experts=dis.experts.map(lambda es: ", ".join(map(str, es))),
@@ -116,6 +117,7 @@ def _dissociation_section(dis: pd.DataFrame, config) -> str:
         passes=dis.passes.map({True: "yes", False: "no"}),
     )[["layer", "domain", "experts", "lift", "delta", "ci", "other", "other_domain", "control", "passes"]]
     zero_all = dis.groupby("layer").zero_all.first()
+    missing = _failing(dis, zero_all, shared, shared_dropout)
     return f"""## Do the specialised experts matter? (held-out dissociation)
 `el.toy.dissociation(model, tok)`: per MoE layer and domain, the 2 experts with the highest domain lift on
 one half of each domain's held-out texts are zero-ablated and measured on the other half. `delta`: the
@@ -128,12 +130,13 @@ and >= {c["control_ratio"]:.0f}x control.
 
 Zeroing every routed expert of a layer raises the overall held-out NLL by
 {", ".join(f"L{L} {v:+.3f}" for L, v in zero_all.items())} nats.
+{_shared_line(shared)}
 
 ## What the toy shows, and what it does not
 - Shows: routed experts that carry domain knowledge causally where a row above passes —
   {_passing(dis)}. The Chinese corpus states facts of a fixed table of people (job, city, hobby, age,
   favourite colour, and their friend's city, job and hobby) that only memory can supply.
-- Does not show: {_failing(dis, zero_all)}. Its {config.moe_num_experts} experts top-{config.moe_k} are not
+- Does not show: {missing}. Its {config.moe_num_experts} experts top-{config.moe_k} are not
   ERNIE-4.5's 64 top-6/top-8, and its corpus is synthetic: use it to learn and test the tools, not to make
   claims about ERNIE 4.5.
 """
@@ -144,7 +147,14 @@ def _passing(dis: pd.DataFrame) -> str:
     return "; ".join(f"{d} at {ls}" for d, ls in hits.items()) or "no row passes"
 
 
-def _failing(dis: pd.DataFrame, zero_all: pd.Series) -> str:
+def _shared_line(shared: pd.DataFrame) -> str:
+    if shared.empty:
+        return "The model has no shared experts."
+    rises = ", ".join(f"{r.domain} {r.delta:+.4f}" for r in shared.itertuples())
+    return f"Zeroing the shared expert of every MoE layer changes the held-out NLL (nats per token) by: {rises}."
+
+
+def _failing(dis: pd.DataFrame, zero_all: pd.Series, shared: pd.DataFrame, shared_dropout: float) -> str:
     weak = [f"L{L} ({v:+.3f})" for L, v in zero_all.items() if v < 0.2]
     quiet = sorted(set(dis.domain) - set(dis[dis.passes].domain))
     parts = []
@@ -154,13 +164,23 @@ def _failing(dis: pd.DataFrame, zero_all: pd.Series) -> str:
         parts.append(f"no layer's top-lift pair is causal for {', '.join(quiet)}")
     narrow = dis[dis.passes & (dis.ci_low < CRITERIA["min_delta"])]
     if len(narrow):  # passes on the point estimate, but the interval reaches below the bar
-        rows = [f"{r.domain} at L{r.layer} ({r.delta:+.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}])" for r in narrow.itertuples()]
-        parts.append(f"passes whose interval reaches below {CRITERIA['min_delta']:.2f} nats are narrow: {', '.join(rows)}")
+        rows = [
+            f"{r.domain} at L{r.layer} ({r.delta:+.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}])" for r in narrow.itertuples()
+        ]
+        bar = f"{CRITERIA['min_delta']:.2f}"
+        parts.append(f"passes whose interval reaches below {bar} nats are narrow: {', '.join(rows)}")
     zh = dis[dis.domain == "chinese"]
     misses = zh[~zh.passes]
     if 0 < len(misses) < len(zh):  # the Chinese story's gaps, with their reason
         gaps = [f"L{r.layer} ({r.delta:+.3f}, with {r.other:+.3f} on {r.other_domain})" for r in misses.itertuples()]
         parts.append(f"the Chinese pair misses at {', '.join(gaps)}")
+    if not shared.empty and shared.delta.abs().max() < CRITERIA["min_delta"] / 2:
+        why = f" (training dropped its output with probability {shared_dropout}, so the routed experts took its work)"
+        parts.append(
+            f"a working shared expert: zeroing it in every MoE layer moves any domain's held-out NLL by at most "
+            f"{shared.delta.abs().max():.4f} nats{why if shared_dropout else ''}, so the toy is no model for "
+            "studying what shared experts do"
+        )
     return "; ".join(parts) or "every MoE layer matters and every domain has a causal pair"
 
 
@@ -172,6 +192,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
     acc = task_accuracy(model, tokenizer, load_prompt_set("tasks"))
     rep = routing_report(model, tokenizer, domains)
     dis = dissociation(model, tokenizer, domains)
+    shared = shared_expert_effect(model, tokenizer, domains)
     top = rep["specialisation"].sort_values("lift", ascending=False).head(8)
     fig = plot_specialisation(rep["specialisation"], layer=model.config.moe_layers[-1])
     fig.savefig(ckpt / "domain_load.png", dpi=90)
@@ -188,6 +209,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
         "balance_without_bias": bal.loc["without"].round(4).to_dict(),
         "domain_tv_mean": round(float(rep["tv"]["tv"].mean()), 4),
         "zero_all_routed": {int(k): round(v, 4) for k, v in dis.groupby("layer").zero_all.first().items()},
+        "zero_shared_delta": dict(zip(shared["domain"], shared["delta"].astype(float).round(4))),
         "dissociation_passes": {d: int(n) for d, n in dis[dis.passes].groupby("domain").layer.nunique().items()},
         "settings": settings.__dict__,
         "torch": torch.__version__,
@@ -241,7 +263,7 @@ Most specialised (layer, expert, domain) by lift = spec / (k/E):
 
 ![domain load](domain_load.png)
 
-{_dissociation_section(dis, model.config)}
+{_dissociation_section(dis, model.config, shared, settings.shared_dropout)}
 """
     (ckpt / "README.md").write_text(card)
 

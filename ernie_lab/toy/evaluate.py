@@ -58,6 +58,22 @@ def heldout_nll(
 
 
 @torch.no_grad()
+def shared_expert_effect(model, tokenizer, rows: list[dict]) -> pd.DataFrame:
+    """How much the shared experts carry: per domain, the held-out NLL (nats per token) with every MoE
+    layer's shared-expert output zeroed (``hook_shared_out``), against the intact model.
+
+    Columns domain, nll, nll_zeroed, delta. Empty when the model has no shared experts.
+    """
+    if not model.config.moe_num_shared_experts:
+        return pd.DataFrame(columns=["domain", "nll", "nll_zeroed", "delta"])
+    base = heldout_nll(model, tokenizer, rows)
+    with model.hooks([("blocks.*.moe.hook_shared_out", lambda out, hook: torch.zeros_like(out))]):
+        zeroed = heldout_nll(model, tokenizer, rows)
+    table = base[["domain", "nll"]].merge(zeroed[["domain", "nll"]].rename(columns={"nll": "nll_zeroed"}), on="domain")
+    return table.assign(delta=table.nll_zeroed - table.nll)
+
+
+@torch.no_grad()
 def task_accuracy(model, tokenizer, rows: list[dict]) -> pd.DataFrame:
     """Per task: fraction of prompts whose answer greedy decoding reproduces exactly.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ernie_lab.toy import build
@@ -47,3 +48,36 @@ def test_a_complete_card_replaces_the_files(ckpt, monkeypatch):
     assert seen["elsewhere"] and seen["facts"]["n_docs"] > 0 and seen["settings"].steps > 0
     assert (ckpt / "model.safetensors").exists()
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["toy"]
+
+
+def _table(delta: float, passes: bool) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "layer": 1,
+                "domain": "chinese",
+                "passes": passes,
+                "delta": delta,
+                "ci_low": delta - 0.01,
+                "ci_high": delta + 0.01,
+                "other": 0.0,
+                "other_domain": "code",
+            }
+        ]
+    )
+
+
+@pytest.mark.parametrize("rise, named", [(0.001, True), (-0.02, True), (0.3, False)])
+def test_the_card_says_when_the_shared_expert_carries_nothing(rise, named):
+    shared = pd.DataFrame({"domain": ["chinese", "code"], "delta": [rise, 0.0]})
+    text = build._failing(_table(0.5, True), pd.Series({1: 0.6}), shared, 0.5)
+    assert ("no model for studying what shared experts do" in text) == named
+    assert ("probability 0.5" in text) == named
+    without_dropout = build._failing(_table(0.5, True), pd.Series({1: 0.6}), shared, 0.0)
+    assert "probability" not in without_dropout
+
+
+def test_the_card_line_for_a_model_without_shared_experts():
+    empty = pd.DataFrame(columns=["domain", "delta"])
+    assert "shared" not in build._failing(_table(0.5, True), pd.Series({1: 0.6}), empty, 0.5)
+    assert build._shared_line(empty) == "The model has no shared experts."

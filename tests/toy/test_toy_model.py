@@ -17,7 +17,7 @@ import torch
 
 import ernie_lab as el
 from ernie_lab.io.sources import toy_dir
-from ernie_lab.toy.evaluate import heldout_nll, routing_report, task_accuracy
+from ernie_lab.toy.evaluate import heldout_nll, routing_report, shared_expert_effect, task_accuracy
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.train import TrainSettings, toy_config, train
 
@@ -162,3 +162,25 @@ def test_toy_resolves_after_non_editable_install(tmp_path):
     )
     module_file, toy_dir, recipe_file, ok = out.stdout.split()
     assert all(p.startswith(str(target)) for p in (module_file, toy_dir, recipe_file)) and ok == "True"
+
+
+def test_shared_expert_effect_zeroes_the_shared_experts(toy, domains):
+    model, tok = toy
+    rows = domains[::4]
+    table = shared_expert_effect(model, tok, rows)
+    assert sorted(table.domain) == sorted({r["domain"] for r in rows})
+    # the same figures as a copy whose shared experts' down projections are zero
+    silent = el.load_model("toy")
+    for block in silent.blocks:
+        if block.is_moe:
+            torch.nn.init.zeros_(block.mlp.shared_experts.down_proj.weight)
+    expected = heldout_nll(silent, tok, rows).set_index("domain").nll
+    got = table.set_index("domain").nll_zeroed.loc[expected.index]
+    assert torch.allclose(torch.tensor(got.values), torch.tensor(expected.values), atol=1e-5)
+    assert (table.delta == table.nll_zeroed - table.nll).all() and (table.delta.abs() > 0).all()
+
+
+def test_shared_expert_effect_is_empty_without_shared_experts():
+    cfg = toy_config(64, moe_num_shared_experts=0)
+    torch.manual_seed(0)
+    assert shared_expert_effect(el.ErnieMoE(cfg), None, []).empty
