@@ -192,7 +192,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
     acc = task_accuracy(model, tokenizer, load_prompt_set("tasks"))
     rep = routing_report(model, tokenizer, domains)
     dis = dissociation(model, tokenizer, domains)
-    shared = shared_expert_effect(model, tokenizer, domains)
+    shared = shared_expert_effect(model, tokenizer, domains, intact=nll)
     top = rep["specialisation"].sort_values("lift", ascending=False).head(8)
     fig = plot_specialisation(rep["specialisation"], layer=model.config.moe_layers[-1])
     fig.savefig(ckpt / "domain_load.png", dpi=90)

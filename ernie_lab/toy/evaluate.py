@@ -58,15 +58,16 @@ def heldout_nll(
 
 
 @torch.no_grad()
-def shared_expert_effect(model, tokenizer, rows: list[dict]) -> pd.DataFrame:
+def shared_expert_effect(model, tokenizer, rows: list[dict], intact: pd.DataFrame | None = None) -> pd.DataFrame:
     """How much the shared experts carry: per domain, the held-out NLL (nats per token) with every MoE
     layer's shared-expert output zeroed (``hook_shared_out``), against the intact model.
 
-    Columns domain, nll, nll_zeroed, delta. Empty when the model has no shared experts.
+    Columns domain, nll, nll_zeroed, delta. Empty when the model has no shared experts. ``intact``: the
+    intact model's :func:`heldout_nll` on the same ``rows``, when the caller has it already.
     """
     if not model.config.moe_num_shared_experts:
         return pd.DataFrame(columns=["domain", "nll", "nll_zeroed", "delta"])
-    base = heldout_nll(model, tokenizer, rows)
+    base = heldout_nll(model, tokenizer, rows) if intact is None else intact
     with model.hooks([("blocks.*.moe.hook_shared_out", lambda out, hook: torch.zeros_like(out))]):
         zeroed = heldout_nll(model, tokenizer, rows)
     table = base[["domain", "nll"]].merge(zeroed[["domain", "nll"]].rename(columns={"nll": "nll_zeroed"}), on="domain")
