@@ -6,6 +6,8 @@ end, so an interrupted run leaves no half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -15,6 +17,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.io.atomic import check_destination, destination, replace_dir, staging
+from ernie_lab.io.sources import toy_dir
 from ernie_lab.io.tokenizer import load_tokenizer
 from ernie_lab.io.weights import load_model as load_model_dir
 from ernie_lab.io.weights import save_model
@@ -28,7 +31,7 @@ from ernie_lab.toy.corpus import training_corpus
 from ernie_lab.toy.evaluate import heldout_nll, routing_report, shared_expert_effect, summary_line, task_accuracy
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
-from ernie_lab.toy.train import TrainSettings, toy_config, train
+from ernie_lab.toy.train import MOMENT_WARMUP, TrainSettings, toy_config, train
 
 DEFAULT_N_DOCS = 30000
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}
@@ -59,15 +62,23 @@ def build_toy(
     evaluate: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train the toy model from scratch and write a complete checkpoint folder to ``out_dir``.
 
-    ``out_dir`` must be absent, empty or an earlier ``build_toy`` output (``overwrite=True`` replaces
-    any folder); it is checked before training and again at the final swap (:mod:`ernie_lab.io.atomic`).
+    ``init_from``: an earlier ``build_toy`` checkpoint whose run to continue instead: its weights, and
+    the settings and corpus size its metrics.json records, through ``settings.anneal_steps`` (its
+    other fields are not used); the data and dropout draws of the steps it holds are skipped
+    (:func:`~ernie_lab.toy.train.train`'s ``start_step``). ``out_dir`` must be absent, empty or an earlier
+    ``build_toy`` output (``overwrite=True`` replaces any folder); it is checked before training and
+    again at the final swap (:mod:`ernie_lab.io.atomic`).
     """
     settings = settings or TrainSettings()
     out = destination(out_dir)
     check_destination(out, "toy", overwrite)
+    start = continued_run(init_from, settings.anneal_steps, settings.anneal_lr) if init_from is not None else None
+    if start is not None:
+        settings, n_docs = start["settings"], start["n_docs"]
     with staging(out) as tmp:
         docs = training_corpus(seed=settings.seed, n_docs=n_docs)
         ckpt = tmp / "toy"
@@ -75,27 +86,64 @@ def build_toy(
         bpe = train_tokenizer(training_corpus(seed=0, n_docs=TOKENIZER_N_DOCS))
         tokenizer = load_tokenizer(save_tokenizer(bpe, tmp / "tokenizer"))
         stream = token_stream(tokenizer, docs)
-        torch.manual_seed(settings.seed)
-        model = ErnieMoE(toy_config(tokenizer.vocab_size))
+        if start is None:
+            torch.manual_seed(settings.seed)
+            model = ErnieMoE(toy_config(tokenizer.vocab_size))
+        else:
+            if load_tokenizer(start["path"]).tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
+                raise ValueError(f"{start['path']}'s tokenizer is not the toy corpus tokenizer; cannot continue it")
+            model = load_model_dir(start["path"])
         log = train(model, stream, settings, progress=progress)
         save_model(model, ckpt)
         save_tokenizer(bpe, ckpt)
         (ckpt / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        history = pd.DataFrame({"step": range(len(log.loss)), "loss": log.loss, "lr": log.lr, "max_vio": log.max_vio})
+        history = pd.DataFrame({"step": log.step, "loss": log.loss, "lr": log.lr, "max_vio": log.max_vio})
         history.to_csv(ckpt / "training_log.csv", index=False, float_format="%.5f")
         _plot_loss(history).savefig(ckpt / "loss_curve.png", dpi=90)
         facts = {"n_docs": n_docs, "n_tokens": int(stream.numel()), "seconds": round(log.seconds, 1)}
+        if start is not None:
+            facts["init_from"] = start["facts"]
         if evaluate:
             _write_card(ckpt, model, tokenizer, settings, facts)
         replace_dir(ckpt, out, "toy", overwrite=overwrite)
     return out
 
 
+def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None) -> dict:
+    """What continuing ``init_from`` means: its path, the settings of the continued run, its corpus size
+    and the facts the new card records about it (weights' sha256, minutes it took). Checked before any
+    work."""
+    path = toy_dir() if str(init_from) == "toy" else Path(init_from).expanduser().resolve()
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        recorded, n_docs = TrainSettings(**metrics["settings"]), int(metrics["n_docs"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--init-from {init_from}: not a train-toy checkpoint with a readable metrics.json ({err})"
+        ) from err
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"--init-from {init_from}: no model.safetensors there")
+    held = recorded.steps + recorded.anneal_steps
+    if anneal_steps <= held - recorded.steps:
+        raise ValueError(
+            f"--init-from {init_from} already holds {held} steps ({recorded.anneal_steps} of them annealing); "
+            f"--anneal-steps must be > {recorded.anneal_steps} to train past them"
+        )
+    settings = dataclasses.replace(recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held)
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    facts = {"sha256": digest, "steps": held, "seconds": metrics.get("seconds")}
+    return {"path": path, "settings": settings, "n_docs": n_docs, "facts": facts}
+
+
 def _plot_loss(history: pd.DataFrame):
     fig, ax = new_figure(figsize=(6, 3.2))
     ax.plot(history["step"], history["loss"], lw=0.6, alpha=0.5, label="step")
     ax.plot(history["step"], history["loss"].rolling(25, min_periods=1).mean(), lw=1.5, label="25-step mean")
-    ax.set(xlabel="step", ylabel="train loss (nats)", title="toy model training loss")
+    title = "toy model training loss"
+    if history["step"].iloc[0] != 0:  # a continued run: its lr-0 moment warm-up precedes its first step
+        moving = history.loc[history["lr"] > 0, "step"]
+        title += f" (continued: steps {moving.iloc[0]}-{moving.iloc[-1]})"
+    ax.set(xlabel="step", ylabel="train loss (nats)", title=title)
     ax.legend()
     return fig
 
@@ -140,6 +188,45 @@ Zeroing every routed expert of a layer raises the overall held-out NLL by
   ERNIE-4.5's 64 top-6/top-8, and its corpus is synthetic: use it to learn and test the tools, not to make
   claims about ERNIE 4.5.
 """
+
+
+def _schedule(s: TrainSettings) -> str:
+    """The card's words for the optimisation schedule."""
+    cool = f",\n  then {s.anneal_steps} steps falling linearly from {s.anneal_start():g} to 0" if s.anneal_steps else ""
+    return (
+        f"{s.steps + s.anneal_steps} steps x {s.batch_size} x {s.seq_len} tokens, AdamW, cosine lr {s.lr} to "
+        f"{s.lr * s.min_lr_frac:g} over {s.steps} steps{cool}"
+    )
+
+
+def _anneal_flags(s: TrainSettings) -> str:
+    flags = f" --anneal-steps {s.anneal_steps}" if s.anneal_steps else ""
+    return flags + (f" --anneal-lr {s.anneal_lr:g}" if s.anneal_steps and s.anneal_lr is not None else "")
+
+
+def _steps_flags(s: TrainSettings) -> str:
+    return f"--steps {s.steps}{_anneal_flags(s)}"
+
+
+def _training_lines(s: TrainSettings, facts: dict, machine: str, threads: int) -> str:
+    """The card's Training and Reproduce bullets; a continued run names the checkpoint it continued."""
+    done = f"{facts['seconds'] / 60:.1f} min on {machine}"
+    command = f"--out DIR {_steps_flags(s)}\n  --shared-dropout {s.shared_dropout} --seed {s.seed} --threads {threads}"
+    init = facts.get("init_from")
+    if init:
+        before = f" (the checkpoint took {init['seconds'] / 60:.1f} min)" if init.get("seconds") else ""
+        done = (
+            f"steps {s.start_step}-{s.steps + s.anneal_steps - 1} continue a checkpoint of {init['steps']} steps\n"
+            f"  (CKPT: its model.safetensors has sha256 {init['sha256']}) with fresh AdamW moments,\n"
+            f"  filled by {MOMENT_WARMUP} lr-0 updates first; {done}{before}"
+        )
+        command = f"--out DIR --init-from CKPT{_anneal_flags(s)} --threads {threads}"
+    return f"""- Training: {_schedule(s)},
+  aux-loss-free balancing (bias step {s.bias_gamma}), shared-expert dropout {s.shared_dropout},
+  seed {s.seed}; corpus {facts["n_docs"]} documents, {facts["n_tokens"]:,} tokens; {done}.
+- Reproduce: `ernie-lab train-toy {command}`
+  (the same figures with the same CPU kind and thread count: float sums depend on both; on another CPU
+  the run drifts from about step 30 and ends as a different draw)"""
 
 
 def _passing(dis: pd.DataFrame) -> str:
@@ -228,13 +315,7 @@ this project; not derived from Baidu's weights.
   d_model {cfg.hidden_size}, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads,
   {cfg.moe_num_experts} routed experts top-{cfg.moe_k} + {cfg.moe_num_shared_experts} shared
   (d_expert {cfg.moe_intermediate_size}), vocab {cfg.vocab_size}; {n_params:,} parameters.
-- Training: {settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens, AdamW, cosine lr {settings.lr},
-  aux-loss-free balancing (bias step {settings.bias_gamma}), shared-expert dropout {settings.shared_dropout},
-  seed {settings.seed}; corpus {facts["n_docs"]} documents,
-  {facts["n_tokens"]:,} tokens; {facts["seconds"] / 60:.1f} min on {metrics["machine"]}.
-- Reproduce: `ernie-lab train-toy --out DIR --steps {settings.steps} --shared-dropout {settings.shared_dropout}
-  --seed {settings.seed} --threads {threads}`
-  (the same figures on this machine kind; float sums depend on the thread count)
+{_training_lines(settings, facts, metrics["machine"], threads)}
 
 ![loss](loss_curve.png)
 
@@ -274,7 +355,7 @@ def rewrite_card(ckpt: str | Path) -> None:
     card names, so the figures are the ones ``train-toy`` wrote."""
     ckpt = Path(ckpt)
     metrics = json.loads((ckpt / "metrics.json").read_text())
-    facts = {key: metrics[key] for key in ("n_docs", "n_tokens", "seconds")}
+    facts = {key: metrics[key] for key in ("n_docs", "n_tokens", "seconds", "init_from") if key in metrics}
     model, tokenizer = load_model_dir(ckpt), load_tokenizer(ckpt)
     # the new card is written beside the checkpoint first, so a failed evaluation leaves the old card whole
     with staging(ckpt) as tmp:

@@ -31,7 +31,7 @@ TOY_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     # 16 experts top-2: six domains' pairs need not share an expert (with 8, five of six pairs in run W2's
-    # layer 1 shared one with another domain; README); chosen over 46 runs, seeds swing the result
+    # layer 1 shared one with another domain; README); chosen over 52 runs, seeds swing the result
     moe_num_experts=16,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
@@ -49,7 +49,16 @@ class TrainSettings:
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac over ``steps``
+    # then this many more steps with the lr falling linearly from ``anneal_lr`` (None: lr * min_lr_frac, where
+    # the cosine ends) to 0: a cool-down that refines what the experts hold without reorganising the routing
+    # (the first ``steps`` are unchanged)
+    anneal_steps: int = 0
+    anneal_lr: float | None = None
+    # > 0: the model already holds this many steps of this schedule (weights without optimiser state, e.g.
+    # an earlier ``train-toy`` checkpoint): train() skips their data and dropout draws, fills fresh AdamW
+    # moments with ``MOMENT_WARMUP`` updates at lr 0, then goes on from this step
+    start_step: int = 0
     warmup: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
@@ -62,13 +71,30 @@ class TrainSettings:
     shared_dropout: float = 0.5
     seed: int = 0
 
+    def anneal_start(self) -> float:
+        """The lr the cool-down starts from."""
+        return self.lr * self.min_lr_frac if self.anneal_lr is None else self.anneal_lr
+
     def __post_init__(self):
+        if self.anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
+        if self.anneal_lr is not None and not self.anneal_lr > 0:  # also rejects nan
+            raise ValueError(f"anneal_lr must be > 0 (or None: lr * min_lr_frac), got {self.anneal_lr}")
+        if not 0 <= self.start_step < self.steps + self.anneal_steps:
+            raise ValueError(
+                f"start_step must be in [0, steps + anneal_steps) = [0, {self.steps + self.anneal_steps}), "
+                f"got {self.start_step}"
+            )
         if not 0 <= self.shared_dropout < 1:  # also rejects nan, which would otherwise switch it off silently
             raise ValueError(f"shared_dropout must be in [0, 1), got {self.shared_dropout}")
 
 
+MOMENT_WARMUP = 50  # lr-0 updates that fill fresh AdamW moments when training resumes from weights alone
+
+
 @dataclass
 class TrainLog:
+    step: list[int] = field(default_factory=list)  # the schedule's step (a resumed run's lr-0 updates: < start)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     max_vio: list[float] = field(default_factory=list)  # mean over MoE layers of (max load - 1/E)/(1/E)
@@ -83,16 +109,24 @@ def toy_config(vocab_size: int, **overrides) -> ErnieConfig:
 
 
 def lr_at(step: int, s: TrainSettings) -> float:
-    """Linear warm-up then cosine decay to ``lr * min_lr_frac``."""
+    """Linear warm-up, cosine decay to ``lr * min_lr_frac`` at ``s.steps``, then the linear cool-down from
+    ``s.anneal_start()`` to 0 over ``s.anneal_steps``."""
+    if step >= s.steps:
+        return s.anneal_start() * (1 - (step - s.steps) / max(1, s.anneal_steps))
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     progress = (step - s.warmup) / max(1, s.steps - s.warmup)
     return s.lr * (s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def window_starts(n_tokens: int, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``[batch]`` random start offsets of training windows in a stream of ``n_tokens``."""
+    return torch.randint(0, n_tokens - seq_len - 1, (batch,), generator=gen)
+
+
 def sample_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     """``[batch seq_len+1]`` random windows of a 1-D token stream (inputs and shifted targets)."""
-    starts = torch.randint(0, stream.numel() - seq_len - 1, (batch,), generator=gen)
+    starts = window_starts(stream.numel(), batch, seq_len, gen)
     return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
 
 
@@ -120,8 +154,11 @@ class _SharedDropout:
     def __init__(self, p: float, seed: int):
         self.p, self.gen = p, torch.Generator().manual_seed(seed + 1)
 
+    def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, generator=self.gen)
+
     def __call__(self, out: torch.Tensor, hook) -> torch.Tensor:
-        keep = torch.rand(out.shape[:-1], generator=self.gen) >= self.p
+        keep = self.draw(out.shape[:-1]) >= self.p
         return out * keep.unsqueeze(-1).to(out.dtype) / (1 - self.p)
 
 
@@ -153,7 +190,9 @@ def train(
     settings: TrainSettings = TrainSettings(),
     progress: bool = True,
 ) -> TrainLog:
-    """Train ``model`` in place on random windows of the token ``stream`` ``[n_tokens]``; returns the log.
+    """Train ``model`` in place on random windows of the token ``stream`` ``[n_tokens]`` for
+    ``steps + anneal_steps`` updates (from ``start_step`` on, after ``MOMENT_WARMUP`` lr-0 updates, when
+    that is > 0); returns the log.
 
     Deterministic for a fixed seed, machine and thread count.
     """
@@ -171,15 +210,21 @@ def train(
     )
     tap = _RouterTap(model, keep_probs=s.aux_loss_coef > 0)
     hooks = list(tap.hooks)
-    if s.shared_dropout > 0:
-        hooks.append(("blocks.*.moe.hook_shared_out", _SharedDropout(s.shared_dropout, s.seed)))
+    dropout = _SharedDropout(s.shared_dropout, s.seed) if s.shared_dropout > 0 else None
+    if dropout:
+        hooks.append(("blocks.*.moe.hook_shared_out", dropout))
+    for _ in range(s.start_step):  # the draws of the steps the model already holds, in their order
+        window_starts(stream.numel(), s.batch_size, s.seq_len, gen)
+        for _ in model.config.moe_layers if dropout else ():
+            dropout.draw((s.batch_size, s.seq_len))
+    warm = MOMENT_WARMUP if s.start_step else 0
     log = TrainLog()
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(s.steps), desc="train-toy", disable=not progress)
+    bar = tqdm(range(s.start_step - warm, s.steps + s.anneal_steps), desc="train-toy", disable=not progress)
     with model.hooks(hooks):
         for step in bar:
-            lr = lr_at(step, s)
+            lr = lr_at(step, s) if step >= s.start_step else 0.0
             for group in opt.param_groups:
                 group["lr"] = lr
             window = sample_windows(stream, s.batch_size, s.seq_len, gen)
@@ -191,6 +236,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             opt.step()
             vio = update_correction_bias(model, tap.idx, s.bias_gamma)
+            log.step.append(step)
             log.loss.append(loss.item())
             log.lr.append(lr)
             log.max_vio.append(vio)

@@ -81,3 +81,58 @@ def test_the_card_line_for_a_model_without_shared_experts():
     empty = pd.DataFrame(columns=["domain", "delta"])
     assert "shared" not in build._failing(_table(0.5, True), pd.Series({1: 0.6}), empty, 0.5)
     assert build._shared_line(empty) == "The model has no shared experts."
+
+
+@pytest.mark.parametrize(("anneal", "anneal_lr"), [(0, None), (600, None), (600, 5e-4)])
+def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr):
+    from ernie_lab.cli import build_parser
+    from ernie_lab.commands.train_toy import settings_from_args
+    from ernie_lab.toy.train import TrainSettings
+
+    settings = TrainSettings(steps=2500, anneal_steps=anneal, anneal_lr=anneal_lr, shared_dropout=0.6, seed=3)
+    flags = f"{build._steps_flags(settings)} --shared-dropout {settings.shared_dropout} --seed {settings.seed}"
+    args = build_parser().parse_args(["train-toy", "--out", "x", *flags.split()])
+    assert settings_from_args(args) == settings
+    words = build._schedule(settings)
+    assert words.startswith(f"{2500 + anneal} steps")
+    if anneal:
+        assert words.endswith(f"then {anneal} steps falling linearly from {anneal_lr or 3e-4:g} to 0")
+    else:
+        assert "falling" not in words
+
+
+def reproduce_command(card: str) -> list[str]:
+    """The argv of a card's Reproduce command (``train-toy ...``), DIR and CKPT left as written."""
+    import re
+
+    return re.search(r"Reproduce: `ernie-lab (train-toy[^`]*)`", card).group(1).split()
+
+
+def test_the_shipped_cards_reproduce_command_asks_for_its_recorded_settings():
+    import json
+
+    from ernie_lab.cli import build_parser
+    from ernie_lab.commands.train_toy import settings_from_args
+    from ernie_lab.toy.train import TrainSettings
+
+    args = build_parser().parse_args(reproduce_command((TOY / "README.md").read_text()))
+    metrics = json.loads((TOY / "metrics.json").read_text())
+    recorded = TrainSettings(**metrics["settings"])
+    if args.init_from is None:
+        assert settings_from_args(args) == recorded and recorded.start_step == 0
+    else:  # a continued run: the checkpoint it continued is named by its weights' digest
+        assert args.init_from == "CKPT" and args.anneal_steps == recorded.anneal_steps
+        assert recorded.start_step == metrics["init_from"]["steps"] and len(metrics["init_from"]["sha256"]) == 64
+        assert f"sha256 {metrics['init_from']['sha256']}" in (TOY / "README.md").read_text()
+
+
+def test_a_continued_runs_card_names_the_checkpoint_and_the_command():
+    from ernie_lab.cli import build_parser
+    from ernie_lab.toy.train import TrainSettings
+
+    settings = TrainSettings(steps=3000, anneal_steps=800, start_step=3000)
+    facts = {"n_docs": 10, "n_tokens": 1000, "seconds": 300.0, "init_from": {"sha256": "ab" * 32, "steps": 3000}}
+    lines = build._training_lines(settings, facts, "x86_64, 1 threads", 1)
+    assert f"sha256 {'ab' * 32}" in lines and "steps 3000-3799 continue a checkpoint of 3000 steps" in lines
+    args = build_parser().parse_args(reproduce_command(lines))
+    assert (args.init_from, args.anneal_steps, args.threads) == ("CKPT", 800, 1)
