@@ -79,11 +79,10 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    for name in ("lr", "anneal_lr", "bias_gamma", "aux_loss_coef"):
+    for name, positive in (("lr", True), ("anneal_lr", True), ("bias_gamma", False), ("aux_loss_coef", False)):
         value = getattr(args, name)
-        if value is not None and (not value >= 0 or (name in ("lr", "anneal_lr") and value == 0)):  # also rejects nan
-            bar = "> 0" if name in ("lr", "anneal_lr") else ">= 0"
-            raise ValueError(f"--{name.replace('_', '-')} must be {bar}, got {value}")
+        if value is not None and not (value > 0 if positive else value >= 0):  # also rejects nan
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if positive else '>= 0'}, got {value}")
     if args.shared_dropout is not None and not 0 <= args.shared_dropout < 1:  # also rejects nan
         raise ValueError(f"--shared-dropout must be in [0, 1), got {args.shared_dropout}")
 

@@ -93,6 +93,8 @@ def build_toy(
             if load_tokenizer(start["path"]).tokenizer.get_vocab() != tokenizer.tokenizer.get_vocab():
                 raise ValueError(f"{start['path']}'s tokenizer is not the toy corpus tokenizer; cannot continue it")
             model = load_model_dir(start["path"])
+            digest = hashlib.sha256((start["path"] / "model.safetensors").read_bytes()).hexdigest()
+            start["facts"] = {"sha256": digest, **start["facts"]}
         log = train(model, stream, settings, progress=progress)
         save_model(model, ckpt)
         save_tokenizer(bpe, ckpt)
@@ -111,8 +113,8 @@ def build_toy(
 
 def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None) -> dict:
     """What continuing ``init_from`` means: its path, the settings of the continued run, its corpus size
-    and the facts the new card records about it (weights' sha256, minutes it took). Checked before any
-    work."""
+    and the facts the new card records about it (steps it holds, minutes it took; build_toy adds the
+    weights' sha256 when it loads them). Reads only its metrics.json: cheap enough to check before any work."""
     path = toy_dir() if str(init_from) == "toy" else Path(init_from).expanduser().resolve()
     try:
         metrics = json.loads((path / "metrics.json").read_text())
@@ -124,14 +126,13 @@ def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | N
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"--init-from {init_from}: no model.safetensors there")
     held = recorded.steps + recorded.anneal_steps
-    if anneal_steps <= held - recorded.steps:
+    if anneal_steps <= recorded.anneal_steps:
         raise ValueError(
             f"--init-from {init_from} already holds {held} steps ({recorded.anneal_steps} of them annealing); "
             f"--anneal-steps must be > {recorded.anneal_steps} to train past them"
         )
     settings = dataclasses.replace(recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held)
-    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-    facts = {"sha256": digest, "steps": held, "seconds": metrics.get("seconds")}
+    facts = {"steps": held, "seconds": metrics.get("seconds")}
     return {"path": path, "settings": settings, "n_docs": n_docs, "facts": facts}
 
 
