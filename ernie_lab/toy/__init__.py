@@ -1,5 +1,6 @@
-"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer; and the
-dissociation table that shows its specialised experts are causal (``dissociation``).
+"""The toy model's data: a synthetic bilingual corpus, held-out prompt sets and a tokenizer; the
+dissociation table that shows its specialised experts are causal (``dissociation``); and two checkpoints'
+held-out NLL per domain with a paired bootstrap interval (``compare_nll``).
 
 Corpus and prompt sets are re-exported here; the tokenizer trainer lives in
 ``ernie_lab.toy.tokenizer_train`` (``build_toy_tokenizer``, ``train_tokenizer``, ``save_tokenizer``).
@@ -31,6 +32,7 @@ __all__ = [
     "PATCHING_TASKS",
     "TASKS",
     "WORLD",
+    "compare_nll",
     "corpus_stats",
     "dissociation",
     "format_chat",
@@ -52,4 +54,8 @@ def __getattr__(name: str):
         from ernie_lab.toy import causal
 
         return getattr(causal, name)
+    if name == "compare_nll":
+        from ernie_lab.toy.evaluate import compare_nll
+
+        return compare_nll
     raise AttributeError(f"module 'ernie_lab.toy' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Evaluate the toy model: held-out NLL per domain, task accuracies, expert specialisation and balance.
+"""Evaluate the toy model: held-out NLL per domain (and two checkpoints against each other, with a paired
+bootstrap interval), task accuracies, expert specialisation and balance.
 
 Used by ``ernie-lab train-toy`` to write the model card and by the tests to hold the shipped
 checkpoint to stated floors.
@@ -13,6 +14,7 @@ import pandas as pd
 import torch
 
 from ernie_lab.ablation.core import token_nll
+from ernie_lab.noise import DEFAULT_LEVEL, DEFAULT_N_BOOT, bootstrap_ci, check_interval
 from ernie_lab.routing import balance, collect_routing, domain_specialisation
 from ernie_lab.toy.chat import encode_document
 
@@ -23,20 +25,17 @@ def _batches(rows: list, size: int):
 
 
 @torch.no_grad()
-def heldout_nll(
+def document_nll(
     model, tokenizer, rows: list[dict], batch_size: int = 16, shuffle_seed: int | None = None
 ) -> pd.DataFrame:
-    """Mean next-token NLL (nats) per domain over ``rows`` ``{"domain", "text"}``: columns domain, n_tokens,
-    nll (per predicted token) and nats_per_char (the summed NLL over the texts' characters, which compares
-    models with different tokenizers).
+    """Per row of ``rows`` ``{"domain", "text"}``: domain, nll_sum (next-token NLL summed over the text's
+    predicted tokens, nats), n_tokens (their number) and n_chars (the text's characters), in row order.
 
-    With ``shuffle_seed`` each text's tokens are permuted first: the baseline a model that learned
-    only unigram statistics would reach, so a large gap means the model learned structure.
+    The per-sequence values that :func:`heldout_nll` sums and that bootstrap intervals resample.
+    ``shuffle_seed``: see :func:`heldout_nll`.
     """
     gen = torch.Generator().manual_seed(shuffle_seed or 0)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    chars: dict[str, int] = {}
+    out = []
     for chunk in _batches(rows, batch_size):
         ids = [encode_document(tokenizer, r) for r in chunk]
         if shuffle_seed is not None:
@@ -47,14 +46,89 @@ def heldout_nll(
         nll = token_nll(model, input_ids, mask)
         for r, row_nll in zip(chunk, nll):
             valid = row_nll[~row_nll.isnan()]
-            sums[r["domain"]] = sums.get(r["domain"], 0.0) + valid.sum().item()
-            counts[r["domain"]] = counts.get(r["domain"], 0) + valid.numel()
-            chars[r["domain"]] = chars.get(r["domain"], 0) + len(r["text"])
-    frame = [
-        {"domain": d, "n_tokens": counts[d], "nll": sums[d] / counts[d], "nats_per_char": sums[d] / chars[d]}
-        for d in sums
-    ]
-    return pd.DataFrame(frame).sort_values("domain", ignore_index=True)
+            out.append(
+                {
+                    "domain": r["domain"],
+                    "nll_sum": valid.sum().item(),
+                    "n_tokens": valid.numel(),
+                    "n_chars": len(r["text"]),
+                }
+            )
+    return pd.DataFrame(out, columns=["domain", "nll_sum", "n_tokens", "n_chars"])
+
+
+def heldout_nll(
+    model, tokenizer, rows: list[dict], batch_size: int = 16, shuffle_seed: int | None = None
+) -> pd.DataFrame:
+    """Mean next-token NLL (nats) per domain over ``rows`` ``{"domain", "text"}``: columns domain, n_tokens,
+    nll (per predicted token) and nats_per_char (the summed NLL over the texts' characters, which compares
+    models with different tokenizers).
+
+    With ``shuffle_seed`` each text's tokens are permuted first: the baseline a model that learned
+    only unigram statistics would reach, so a large gap means the model learned structure.
+    """
+    per_doc = document_nll(model, tokenizer, rows, batch_size, shuffle_seed)
+    sums = per_doc.groupby("domain", sort=True)[["nll_sum", "n_tokens", "n_chars"]].sum().reset_index()
+    return pd.DataFrame(
+        {
+            "domain": sums.domain,
+            "n_tokens": sums.n_tokens,
+            "nll": sums.nll_sum / sums.n_tokens,
+            "nats_per_char": sums.nll_sum / sums.n_chars,
+        }
+    )
+
+
+def compare_nll(
+    a: tuple,
+    b: tuple,
+    rows: list[dict],
+    *,
+    level: float = DEFAULT_LEVEL,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """Held-out NLL of two checkpoints on the same texts, per domain, with a paired bootstrap interval.
+
+    ``a`` and ``b`` are ``(model, tokenizer)`` pairs; their tokenizers may differ, so the figure is nats per
+    character (each text's summed NLL over its characters). Columns: domain, n_docs, n_chars,
+    nats_per_char_a, nats_per_char_b, difference (a - b: > 0 means ``a`` is worse), relative (difference /
+    nats_per_char_b), ci_low, ci_high (the ``level`` percentile interval of the difference over ``n_boot``
+    resamples of the texts, seeded; both models see the same resampled texts). An interval that spans 0
+    means the texts do not tell the two apart.
+    """
+    check_interval(level, n_boot)
+    if not rows:
+        raise ValueError("compare_nll needs at least one row {'domain', 'text'}")
+    missing = [i for i, r in enumerate(rows) if not {"domain", "text"} <= set(r)]
+    if missing:
+        raise ValueError(f"rows {missing[:5]} lack 'domain' or 'text'; every row is {{'domain': str, 'text': str}}")
+    doc_a = document_nll(*a, rows, batch_size)
+    doc_b = document_nll(*b, rows, batch_size)
+    out = []
+    for domain in sorted(doc_a.domain.unique()):
+        at = (doc_a.domain == domain).to_numpy()
+        chars = doc_a.n_chars[at].to_numpy()
+        sum_a, sum_b = doc_a.nll_sum[at].to_numpy(), doc_b.nll_sum[at].to_numpy()
+        low, high = bootstrap_ci(sum_a - sum_b, chars, level=level, n_boot=n_boot, seed=seed)
+        npc_a, npc_b = sum_a.sum() / chars.sum(), sum_b.sum() / chars.sum()
+        out.append(
+            {
+                "domain": domain,
+                "n_docs": int(at.sum()),
+                "n_chars": int(chars.sum()),
+                "nats_per_char_a": npc_a,
+                "nats_per_char_b": npc_b,
+                "difference": npc_a - npc_b,
+                "relative": (npc_a - npc_b) / npc_b,
+                "ci_low": float(low),
+                "ci_high": float(high),
+            }
+        )
+    table = pd.DataFrame(out)
+    table.attrs.update(level=level, n_boot=n_boot, seed=seed)
+    return table
 
 
 @torch.no_grad()

@@ -239,6 +239,49 @@ def test_shared_expert_effect_zeroes_the_shared_experts(toy, domains):
     assert (table.delta == table.nll_zeroed - table.nll).all() and (table.delta.abs() > 0).all()
 
 
+def test_compare_nll_pairs_the_texts(toy, domains):
+    model, tok = toy
+    rows = domains[::2]
+    # a copy whose layer-3 routed experts all output zero: worse on every domain
+    broken = el.load_model("toy")
+    layer = model.config.num_hidden_layers - 1
+    with torch.no_grad():
+        broken.blocks[layer].mlp.experts.down_proj.zero_()
+    table = el.toy.compare_nll((model, tok), (broken, tok), rows, n_boot=200, seed=3).set_index("domain")
+    intact = heldout_nll(model, tok, rows).set_index("domain").nats_per_char
+    zeroed = heldout_nll(broken, tok, rows).set_index("domain").nats_per_char
+    assert sorted(table.index) == sorted(intact.index)
+    assert torch.allclose(torch.tensor(table.nats_per_char_a.loc[intact.index].values), torch.tensor(intact.values))
+    assert torch.allclose(torch.tensor(table.nats_per_char_b.loc[zeroed.index].values), torch.tensor(zeroed.values))
+    assert ((table.difference - (table.nats_per_char_a - table.nats_per_char_b)).abs() < 1e-12).all()
+    assert ((table.relative - table.difference / table.nats_per_char_b).abs() < 1e-12).all()
+    assert (table.ci_low <= table.difference).all() and (table.difference <= table.ci_high).all()
+    assert (table.ci_high < 0).all(), table  # intact is better than broken on every domain, beyond noise
+    assert table.attrs == {"level": 0.95, "n_boot": 200, "seed": 3}
+    # paired: swapping the checkpoints negates the difference and mirrors the interval (same resamples)
+    swapped = el.toy.compare_nll((broken, tok), (model, tok), rows, n_boot=200, seed=3).set_index("domain")
+    assert ((swapped.difference + table.difference).abs() < 1e-12).all()
+    assert ((swapped.ci_low + table.ci_high).abs() < 1e-9).all() and (
+        (swapped.ci_high + table.ci_low).abs() < 1e-9
+    ).all()
+    # a checkpoint against itself: no difference and an interval of width 0
+    same = el.toy.compare_nll((model, tok), (model, tok), rows[:12], n_boot=50)
+    assert (same.difference == 0).all() and (same.ci_low == 0).all() and (same.ci_high == 0).all()
+
+
+def test_compare_nll_refuses_bad_input_before_running(toy):
+    model, tok = toy
+    row = {"domain": "english", "text": "The capital of Veloria is Mirren."}
+    with pytest.raises(ValueError, match="at least one row"):
+        el.toy.compare_nll((model, tok), (model, tok), [])
+    with pytest.raises(ValueError, match="lack 'domain' or 'text'"):
+        el.toy.compare_nll((model, tok), (model, tok), [row, {"text": "no domain"}])
+    with pytest.raises(ValueError, match="level must be"):
+        el.toy.compare_nll((model, tok), (model, tok), [row], level=95)
+    with pytest.raises(ValueError, match="n_boot"):
+        el.toy.compare_nll((model, tok), (model, tok), [row], n_boot=0)
+
+
 def test_shared_expert_effect_is_empty_without_shared_experts():
     cfg = toy_config(64, moe_num_shared_experts=0)
     torch.manual_seed(0)
