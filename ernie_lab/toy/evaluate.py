@@ -99,6 +99,9 @@ def compare_nll(
     means the texts do not tell the two apart.
     """
     check_interval(level, n_boot)
+    for name, pair in (("a", a), ("b", b)):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise ValueError(f"{name} must be a (model, tokenizer) pair, got {type(pair).__name__}")
     if not rows:
         raise ValueError("compare_nll needs at least one row {'domain', 'text'}")
     missing = [i for i, r in enumerate(rows) if not {"domain", "text"} <= set(r)]

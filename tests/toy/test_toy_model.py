@@ -272,6 +272,8 @@ def test_compare_nll_pairs_the_texts(toy, domains):
 def test_compare_nll_refuses_bad_input_before_running(toy):
     model, tok = toy
     row = {"domain": "english", "text": "The capital of Veloria is Mirren."}
+    with pytest.raises(ValueError, match=r"a must be a \(model, tokenizer\) pair, got ErnieMoE"):
+        el.toy.compare_nll(model, (model, tok), [row])
     with pytest.raises(ValueError, match="at least one row"):
         el.toy.compare_nll((model, tok), (model, tok), [])
     with pytest.raises(ValueError, match="lack 'domain' or 'text'"):
