@@ -47,6 +47,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="probability of dropping a token's shared-expert output in training, in [0, 1)",
     )
+    p.add_argument(
+        "--freeze-router",
+        action="store_true",
+        help="the routers (gate weights, correction bias) do not train in this run's steps (with --init-from: "
+        "the continued steps); experts and attention go on learning",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n-docs", type=int, default=None, help="corpus size in documents")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation and model card")
@@ -71,7 +77,7 @@ def check_args(args) -> None:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(
                 f"{flags} cannot be combined with --init-from: the continued run keeps its checkpoint's "
-                "settings (metrics.json); give only --anneal-steps (and --anneal-lr)"
+                "settings (metrics.json); give only --anneal-steps (and --anneal-lr, --freeze-router)"
             )
         if not args.anneal_steps:
             raise ValueError("--init-from needs --anneal-steps >= 1: the steps to train past the checkpoint")
@@ -90,6 +96,7 @@ def check_args(args) -> None:
 def settings_from_args(args) -> TrainSettings:
     """The training settings the parsed options ask for (TrainSettings' defaults where none is given)."""
     given = {name: getattr(args, name) for name in (*SCHEDULE_OPTIONS, "anneal_steps", "anneal_lr")}
+    given["freeze_router"] = args.freeze_router
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in given.items() if v is not None})
     return dataclasses.replace(settings, warmup=min(TrainSettings().warmup, max(1, settings.steps // 10)))
 
@@ -99,7 +106,8 @@ def run(args) -> int:
 
     check_args(args)
     if args.init_from is not None:
-        continued_run(args.init_from, args.anneal_steps, args.anneal_lr)  # a bad checkpoint is named before any work
+        # a bad checkpoint is named before any work
+        continued_run(args.init_from, args.anneal_steps, args.anneal_lr, args.freeze_router)
 
     apply_threads(args.threads, "train-toy")
     settings = settings_from_args(args)

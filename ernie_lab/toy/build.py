@@ -67,16 +67,18 @@ def build_toy(
     """Train the toy model from scratch and write a complete checkpoint folder to ``out_dir``.
 
     ``init_from``: an earlier ``build_toy`` checkpoint whose run to continue instead: its weights, and
-    the settings and corpus size its metrics.json records, through ``settings.anneal_steps`` (its
-    other fields are not used); the data and dropout draws of the steps it holds are skipped
-    (:func:`~ernie_lab.toy.train.train`'s ``start_step``). ``out_dir`` must be absent, empty or an earlier
-    ``build_toy`` output (``overwrite=True`` replaces any folder); it is checked before training and
-    again at the final swap (:mod:`ernie_lab.io.atomic`).
+    the settings and corpus size its metrics.json records, through ``settings.anneal_steps`` (of the
+    other fields only ``anneal_lr`` and ``freeze_router`` are used); the data and dropout draws of the
+    steps it holds are skipped (:func:`~ernie_lab.toy.train.train`'s ``start_step``). ``out_dir`` must be
+    absent, empty or an earlier ``build_toy`` output (``overwrite=True`` replaces any folder); it is
+    checked before training and again at the final swap (:mod:`ernie_lab.io.atomic`).
     """
     settings = settings or TrainSettings()
     out = destination(out_dir)
     check_destination(out, "toy", overwrite)
-    start = continued_run(init_from, settings.anneal_steps, settings.anneal_lr) if init_from is not None else None
+    start = None
+    if init_from is not None:
+        start = continued_run(init_from, settings.anneal_steps, settings.anneal_lr, settings.freeze_router)
     if start is not None:
         settings, n_docs = start["settings"], start["n_docs"]
     with staging(out) as tmp:
@@ -111,7 +113,9 @@ def build_toy(
     return out
 
 
-def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None) -> dict:
+def continued_run(
+    init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None, freeze_router: bool = False
+) -> dict:
     """What continuing ``init_from`` means: its path, the settings of the continued run, its corpus size
     and the facts the new card records about it (steps it holds, minutes it took; build_toy adds the
     weights' sha256 when it loads them). Reads only its metrics.json: cheap enough to check before any work."""
@@ -131,7 +135,9 @@ def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | N
             f"--init-from {init_from} already holds {held} steps ({recorded.anneal_steps} of them annealing); "
             f"--anneal-steps must be > {recorded.anneal_steps} to train past them"
         )
-    settings = dataclasses.replace(recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held)
+    settings = dataclasses.replace(
+        recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held, freeze_router=freeze_router
+    )
     facts = {"steps": held, "seconds": metrics.get("seconds")}
     return {"path": path, "settings": settings, "n_docs": n_docs, "facts": facts}
 
@@ -202,7 +208,8 @@ def _schedule(s: TrainSettings) -> str:
 
 def _anneal_flags(s: TrainSettings) -> str:
     flags = f" --anneal-steps {s.anneal_steps}" if s.anneal_steps else ""
-    return flags + (f" --anneal-lr {s.anneal_lr:g}" if s.anneal_steps and s.anneal_lr is not None else "")
+    flags += f" --anneal-lr {s.anneal_lr:g}" if s.anneal_steps and s.anneal_lr is not None else ""
+    return flags + (" --freeze-router" if s.freeze_router else "")
 
 
 def _steps_flags(s: TrainSettings) -> str:
@@ -222,8 +229,12 @@ def _training_lines(s: TrainSettings, facts: dict, machine: str, threads: int) -
             f"  filled by {MOMENT_WARMUP} lr-0 updates first; {done}{before}"
         )
         command = f"--out DIR --init-from CKPT{_anneal_flags(s)} --threads {threads}"
+    balancing = f"aux-loss-free balancing (bias step {s.bias_gamma})"
+    if s.freeze_router:
+        held = f"steps {s.start_step}-{s.steps + s.anneal_steps - 1}" if s.start_step else "all steps"
+        balancing += f"; routers (gate weights, correction bias) frozen in {held}"
     return f"""- Training: {_schedule(s)},
-  aux-loss-free balancing (bias step {s.bias_gamma}), shared-expert dropout {s.shared_dropout},
+  {balancing}, shared-expert dropout {s.shared_dropout},
   seed {s.seed}; corpus {facts["n_docs"]} documents, {facts["n_tokens"]:,} tokens; {done}.
 - Reproduce: `ernie-lab train-toy {command}`
   (the same figures with the same CPU kind and thread count: float sums depend on both; on another CPU

@@ -31,7 +31,7 @@ TOY_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     # 16 experts top-2: six domains' pairs need not share an expert (with 8, five of six pairs in run W2's
-    # layer 1 shared one with another domain; README); chosen over 62 runs, seeds swing the result
+    # layer 1 shared one with another domain; README); chosen over 69 runs, seeds swing the result
     moe_num_experts=16,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored
@@ -69,6 +69,10 @@ class TrainSettings:
     # (0.3: zeroing any layer's routed experts then costs >= 0.2 nats, runs U-Z; 0.5: Chinese passes the
     # dissociation in all 3 MoE layers as well, run D5; README)
     shared_dropout: float = 0.5
+    # the routers (each MoE layer's gate weights and correction bias) do not train in this run's updates while
+    # the experts and attention go on learning, so routing moves only with the hidden states the routers read
+    # (a continued run: only its own steps; the checkpoint's are as they were)
+    freeze_router: bool = False
     seed: int = 0
 
     def anneal_start(self) -> float:
@@ -220,27 +224,37 @@ def train(
     warm = MOMENT_WARMUP if s.start_step else 0
     log = TrainLog()
     start = time.perf_counter()
+    gates = [p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight") and p.requires_grad]
+    frozen = gates if s.freeze_router else []
+    for p in frozen:  # no gradient: AdamW skips them and the clipping norm leaves them out
+        p.requires_grad_(False)
     model.train()
     bar = tqdm(range(s.start_step - warm, s.steps + s.anneal_steps), desc="train-toy", disable=not progress)
-    with model.hooks(hooks):
-        for step in bar:
-            lr = lr_at(step, s) if step >= s.start_step else 0.0
-            for group in opt.param_groups:
-                group["lr"] = lr
-            window = sample_windows(stream, s.batch_size, s.seq_len, gen)
-            logits = model(window[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
-            total = loss + s.aux_loss_coef * _aux_loss(tap, model.config.moe_num_experts) if s.aux_loss_coef else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            opt.step()
-            vio = update_correction_bias(model, tap.idx, s.bias_gamma)
-            log.step.append(step)
-            log.loss.append(loss.item())
-            log.lr.append(lr)
-            log.max_vio.append(vio)
-            bar.set_postfix(loss=f"{loss.item():.3f}", maxvio=f"{vio:.2f}")
+    try:
+        with model.hooks(hooks):
+            for step in bar:
+                lr = lr_at(step, s) if step >= s.start_step else 0.0
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                window = sample_windows(stream, s.batch_size, s.seq_len, gen)
+                logits = model(window[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+                total = loss
+                if s.aux_loss_coef:
+                    total = loss + s.aux_loss_coef * _aux_loss(tap, model.config.moe_num_experts)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                opt.step()
+                vio = update_correction_bias(model, tap.idx, 0.0 if s.freeze_router else s.bias_gamma)
+                log.step.append(step)
+                log.loss.append(loss.item())
+                log.lr.append(lr)
+                log.max_vio.append(vio)
+                bar.set_postfix(loss=f"{loss.item():.3f}", maxvio=f"{vio:.2f}")
+    finally:  # the model is the caller's: leave its parameters trainable as they were
+        for p in frozen:
+            p.requires_grad_(True)
     model.eval()
     log.seconds = time.perf_counter() - start
     return log

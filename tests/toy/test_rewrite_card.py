@@ -83,13 +83,17 @@ def test_the_card_line_for_a_model_without_shared_experts():
     assert build._shared_line(empty) == "The model has no shared experts."
 
 
-@pytest.mark.parametrize(("anneal", "anneal_lr"), [(0, None), (600, None), (600, 5e-4)])
-def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr):
+@pytest.mark.parametrize(
+    ("anneal", "anneal_lr", "freeze"), [(0, None, False), (600, None, False), (600, 5e-4, False), (600, 5e-4, True)]
+)
+def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr, freeze):
     from ernie_lab.cli import build_parser
     from ernie_lab.commands.train_toy import settings_from_args
     from ernie_lab.toy.train import TrainSettings
 
-    settings = TrainSettings(steps=2500, anneal_steps=anneal, anneal_lr=anneal_lr, shared_dropout=0.6, seed=3)
+    settings = TrainSettings(
+        steps=2500, anneal_steps=anneal, anneal_lr=anneal_lr, shared_dropout=0.6, seed=3, freeze_router=freeze
+    )
     flags = f"{build._steps_flags(settings)} --shared-dropout {settings.shared_dropout} --seed {settings.seed}"
     args = build_parser().parse_args(["train-toy", "--out", "x", *flags.split()])
     assert settings_from_args(args) == settings
@@ -122,6 +126,7 @@ def test_the_shipped_cards_reproduce_command_asks_for_its_recorded_settings():
         assert settings_from_args(args) == recorded and recorded.start_step == 0
     else:  # a continued run: the checkpoint it continued is named by its weights' digest
         assert args.init_from == "CKPT" and args.anneal_steps == recorded.anneal_steps
+        assert args.anneal_lr == recorded.anneal_lr and args.freeze_router == recorded.freeze_router
         assert recorded.start_step == metrics["init_from"]["steps"] and len(metrics["init_from"]["sha256"]) == 64
         assert f"sha256 {metrics['init_from']['sha256']}" in (TOY / "README.md").read_text()
 
@@ -136,3 +141,26 @@ def test_a_continued_runs_card_names_the_checkpoint_and_the_command():
     assert f"sha256 {'ab' * 32}" in lines and "steps 3000-3799 continue a checkpoint of 3000 steps" in lines
     args = build_parser().parse_args(reproduce_command(lines))
     assert (args.init_from, args.anneal_steps, args.threads) == ("CKPT", 800, 1)
+
+
+def test_a_frozen_router_run_says_so_and_its_command_asks_for_it():
+    import dataclasses
+
+    from ernie_lab.cli import build_parser
+    from ernie_lab.commands.train_toy import settings_from_args
+    from ernie_lab.toy.train import TrainSettings
+
+    settings = TrainSettings(steps=3000, anneal_steps=800, start_step=3000, freeze_router=True)
+    facts = {"n_docs": 10, "n_tokens": 1000, "seconds": 300.0, "init_from": {"sha256": "ab" * 32, "steps": 3000}}
+    lines = build._training_lines(settings, facts, "x86_64, 1 threads", 1)
+    assert "routers (gate weights, correction bias) frozen in steps 3000-3799" in lines
+    assert build_parser().parse_args(reproduce_command(lines)).freeze_router
+    scratch = dataclasses.replace(settings, start_step=0, anneal_steps=0)
+    lines = build._training_lines(scratch, {k: v for k, v in facts.items() if k != "init_from"}, "x86_64", 1)
+    assert "frozen in all steps" in lines
+    assert settings_from_args(build_parser().parse_args(reproduce_command(lines))) == scratch
+    plain = build._training_lines(TrainSettings(), {k: v for k, v in facts.items() if k != "init_from"}, "x86", 1)
+    assert "frozen" not in plain and "--freeze-router" not in plain
+    continued = build.continued_run("toy", 5000, 1e-3, freeze_router=True)["settings"]
+    assert continued.freeze_router and continued.anneal_lr == 1e-3 and continued.anneal_steps == 5000
+    assert not build.continued_run("toy", 5000)["settings"].freeze_router

@@ -184,6 +184,26 @@ def test_start_step_skips_the_held_steps_draws_and_warms_the_moments_at_lr_0(mon
         dataclasses.replace(settings, start_step=7)
 
 
+def test_freeze_router_keeps_gates_and_bias_and_trains_the_rest():
+    cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, moe_intermediate_size=16)
+    stream = torch.arange(3000) % 61
+    settings = TrainSettings(steps=6, batch_size=2, seq_len=16, warmup=1, bias_gamma=0.01, freeze_router=True)
+    torch.manual_seed(0)
+    model = el.ErnieMoE(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, stream, settings, progress=False)
+    after = model.state_dict()
+    router = [k for k in before if k.endswith("mlp.gate.weight") or k.endswith("e_score_correction_bias")]
+    assert len(router) == 2 * len(cfg.moe_layers)
+    assert all(torch.equal(before[k], after[k]) for k in router)
+    assert all(not torch.equal(before[k], after[k]) for k in after if k.endswith("experts.down_proj"))
+    assert all(p.requires_grad for p in model.parameters())  # the model is left trainable, as it came
+    torch.manual_seed(0)
+    moving = el.ErnieMoE(cfg)
+    train(moving, stream, dataclasses.replace(settings, freeze_router=False), progress=False)
+    assert all(not torch.equal(before[k], moving.state_dict()[k]) for k in router)  # the control: they do move
+
+
 def test_shared_dropout_is_seeded_acts_in_training_only_and_checks_its_range():
     cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
     stream = torch.arange(3000) % 61
