@@ -81,6 +81,13 @@ def check_args(args) -> None:
             )
         if not args.anneal_steps:
             raise ValueError("--init-from needs --anneal-steps >= 1: the steps to train past the checkpoint")
+    if args.freeze_router:
+        clash = [f"--{n.replace('_', '-')}" for n in ("bias_gamma", "aux_loss_coef") if getattr(args, n) is not None]
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} cannot be combined with --freeze-router: both act on the routers, which "
+                "--freeze-router holds fixed"
+            )
     for name, low in rules:
         value = getattr(args, name)
         if value is not None and value < low:

@@ -232,7 +232,7 @@ def _training_lines(s: TrainSettings, facts: dict, machine: str, threads: int) -
     balancing = f"aux-loss-free balancing (bias step {s.bias_gamma})"
     if s.freeze_router:
         held = f"steps {s.start_step}-{s.steps + s.anneal_steps - 1}" if s.start_step else "all steps"
-        balancing += f"; routers (gate weights, correction bias) frozen in {held}"
+        balancing += f";\n  routers (gate weights, correction bias) frozen in {held}"
     return f"""- Training: {_schedule(s)},
   {balancing}, shared-expert dropout {s.shared_dropout},
   seed {s.seed}; corpus {facts["n_docs"]} documents, {facts["n_tokens"]:,} tokens; {done}.

@@ -89,6 +89,11 @@ class TrainSettings:
                 f"start_step must be in [0, steps + anneal_steps) = [0, {self.steps + self.anneal_steps}), "
                 f"got {self.start_step}"
             )
+        if self.freeze_router and self.aux_loss_coef:
+            raise ValueError(
+                f"aux_loss_coef={self.aux_loss_coef} balances through the routers, which freeze_router holds fixed: "
+                "give one of them"
+            )
         if not 0 <= self.shared_dropout < 1:  # also rejects nan, which would otherwise switch it off silently
             raise ValueError(f"shared_dropout must be in [0, 1), got {self.shared_dropout}")
 

@@ -202,6 +202,8 @@ def test_freeze_router_keeps_gates_and_bias_and_trains_the_rest():
     moving = el.ErnieMoE(cfg)
     train(moving, stream, dataclasses.replace(settings, freeze_router=False), progress=False)
     assert all(not torch.equal(before[k], moving.state_dict()[k]) for k in router)  # the control: they do move
+    with pytest.raises(ValueError, match="aux_loss_coef=0.1 balances through the routers"):
+        dataclasses.replace(settings, aux_loss_coef=0.1)
 
 
 def test_shared_dropout_is_seeded_acts_in_training_only_and_checks_its_range():
