@@ -30,6 +30,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="lr the --anneal-steps start from (default: where the cosine ends, lr x 0.1)",
     )
     p.add_argument(
+        "--anneal-batch-size", type=int, default=None, help="sequences per cool-down step (default: --batch-size)"
+    )
+    p.add_argument("--anneal-seq-len", type=int, default=None, help="tokens per cool-down window (default: --seq-len)")
+    p.add_argument(
         "--init-from",
         default=None,
         metavar="CKPT",
@@ -69,6 +73,8 @@ def check_args(args) -> None:
         ("anneal_steps", 0),
         ("batch_size", 1),
         ("seq_len", 2),
+        ("anneal_batch_size", 1),
+        ("anneal_seq_len", 2),
         ("n_docs", 1),
     ]
     if args.init_from is not None:
@@ -77,10 +83,15 @@ def check_args(args) -> None:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(
                 f"{flags} cannot be combined with --init-from: the continued run keeps its checkpoint's "
-                "settings (metrics.json); give only --anneal-steps (and --anneal-lr, --freeze-router)"
+                "settings (metrics.json); give only --anneal-steps (and --anneal-lr, --anneal-batch-size, "
+                "--anneal-seq-len, --freeze-router)"
             )
         if not args.anneal_steps:
             raise ValueError("--init-from needs --anneal-steps >= 1: the steps to train past the checkpoint")
+    shape_options = ("anneal_batch_size", "anneal_seq_len")
+    shaped = [f"--{n.replace('_', '-')}" for n in shape_options if getattr(args, n) is not None]
+    if shaped and not args.anneal_steps:
+        raise ValueError(f"{', '.join(shaped)} shape the cool-down's windows: give --anneal-steps >= 1 with it")
     if args.freeze_router:
         clash = [f"--{n.replace('_', '-')}" for n in ("bias_gamma", "aux_loss_coef") if getattr(args, n) is not None]
         if clash:
@@ -102,7 +113,8 @@ def check_args(args) -> None:
 
 def settings_from_args(args) -> TrainSettings:
     """The training settings the parsed options ask for (TrainSettings' defaults where none is given)."""
-    given = {name: getattr(args, name) for name in (*SCHEDULE_OPTIONS, "anneal_steps", "anneal_lr")}
+    cooldown = ("anneal_steps", "anneal_lr", "anneal_batch_size", "anneal_seq_len")
+    given = {name: getattr(args, name) for name in (*SCHEDULE_OPTIONS, *cooldown)}
     given["freeze_router"] = args.freeze_router
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in given.items() if v is not None})
     return dataclasses.replace(settings, warmup=min(TrainSettings().warmup, max(1, settings.steps // 10)))
@@ -114,7 +126,8 @@ def run(args) -> int:
     check_args(args)
     if args.init_from is not None:
         # a bad checkpoint is named before any work
-        continued_run(args.init_from, args.anneal_steps, args.anneal_lr, args.freeze_router)
+        cooldown = {name: getattr(args, name) for name in ("anneal_batch_size", "anneal_seq_len", "freeze_router")}
+        continued_run(args.init_from, args.anneal_steps, args.anneal_lr, **cooldown)
 
     apply_threads(args.threads, "train-toy")
     settings = settings_from_args(args)

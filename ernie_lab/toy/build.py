@@ -34,6 +34,8 @@ from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
 from ernie_lab.toy.train import MOMENT_WARMUP, TrainSettings, toy_config, train
 
 DEFAULT_N_DOCS = 30000
+# settings a continued run (``init_from``) may choose for its own steps; every other one is the checkpoint's
+COOLDOWN_FIELDS = ("freeze_router", "anneal_batch_size", "anneal_seq_len")
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}
 
 
@@ -68,7 +70,7 @@ def build_toy(
 
     ``init_from``: an earlier ``build_toy`` checkpoint whose run to continue instead: its weights, and
     the settings and corpus size its metrics.json records, through ``settings.anneal_steps`` (of the
-    other fields only ``anneal_lr`` and ``freeze_router`` are used); the data and dropout draws of the
+    other fields only ``anneal_lr`` and ``COOLDOWN_FIELDS`` are used); the data and dropout draws of the
     steps it holds are skipped (:func:`~ernie_lab.toy.train.train`'s ``start_step``). ``out_dir`` must be
     absent, empty or an earlier ``build_toy`` output (``overwrite=True`` replaces any folder); it is
     checked before training and again at the final swap (:mod:`ernie_lab.io.atomic`).
@@ -78,7 +80,8 @@ def build_toy(
     check_destination(out, "toy", overwrite)
     start = None
     if init_from is not None:
-        start = continued_run(init_from, settings.anneal_steps, settings.anneal_lr, settings.freeze_router)
+        cooldown = {name: getattr(settings, name) for name in COOLDOWN_FIELDS}
+        start = continued_run(init_from, settings.anneal_steps, settings.anneal_lr, **cooldown)
     if start is not None:
         settings, n_docs = start["settings"], start["n_docs"]
     with staging(out) as tmp:
@@ -113,12 +116,14 @@ def build_toy(
     return out
 
 
-def continued_run(
-    init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None, freeze_router: bool = False
-) -> dict:
+def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | None = None, **cooldown) -> dict:
     """What continuing ``init_from`` means: its path, the settings of the continued run, its corpus size
     and the facts the new card records about it (steps it holds, minutes it took; build_toy adds the
-    weights' sha256 when it loads them). Reads only its metrics.json: cheap enough to check before any work."""
+    weights' sha256 when it loads them). ``cooldown``: settings of the continued steps (``COOLDOWN_FIELDS``).
+    Reads only its metrics.json: cheap enough to check before any work."""
+    unknown = set(cooldown) - set(COOLDOWN_FIELDS)
+    if unknown:
+        raise TypeError(f"continued_run: {sorted(unknown)} are not settings of the continued steps {COOLDOWN_FIELDS}")
     path = toy_dir() if str(init_from) == "toy" else Path(init_from).expanduser().resolve()
     try:
         metrics = json.loads((path / "metrics.json").read_text())
@@ -135,8 +140,9 @@ def continued_run(
             f"--init-from {init_from} already holds {held} steps ({recorded.anneal_steps} of them annealing); "
             f"--anneal-steps must be > {recorded.anneal_steps} to train past them"
         )
+    defaults = {name: getattr(TrainSettings(), name) for name in COOLDOWN_FIELDS}
     settings = dataclasses.replace(
-        recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held, freeze_router=freeze_router
+        recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held, **{**defaults, **cooldown}
     )
     facts = {"steps": held, "seconds": metrics.get("seconds")}
     return {"path": path, "settings": settings, "n_docs": n_docs, "facts": facts}
@@ -199,7 +205,11 @@ Zeroing every routed expert of a layer raises the overall held-out NLL by
 
 def _schedule(s: TrainSettings) -> str:
     """The card's words for the optimisation schedule."""
-    cool = f",\n  then {s.anneal_steps} steps falling linearly from {s.anneal_start():g} to 0" if s.anneal_steps else ""
+    cool = ""
+    if s.anneal_steps:
+        shape = s.window_shape(s.steps)
+        windows = f" of {shape[0]} x {shape[1]} tokens" if shape != (s.batch_size, s.seq_len) else ""
+        cool = f",\n  then {s.anneal_steps} steps{windows} falling linearly from {s.anneal_start():g} to 0"
     return (
         f"{s.steps + s.anneal_steps} steps x {s.batch_size} x {s.seq_len} tokens, AdamW, cosine lr {s.lr} to "
         f"{s.lr * s.min_lr_frac:g} over {s.steps} steps{cool}"
@@ -209,6 +219,8 @@ def _schedule(s: TrainSettings) -> str:
 def _anneal_flags(s: TrainSettings) -> str:
     flags = f" --anneal-steps {s.anneal_steps}" if s.anneal_steps else ""
     flags += f" --anneal-lr {s.anneal_lr:g}" if s.anneal_steps and s.anneal_lr is not None else ""
+    flags += f" --anneal-batch-size {s.anneal_batch_size}" if s.anneal_steps and s.anneal_batch_size else ""
+    flags += f" --anneal-seq-len {s.anneal_seq_len}" if s.anneal_steps and s.anneal_seq_len else ""
     return flags + (" --freeze-router" if s.freeze_router else "")
 
 

@@ -55,6 +55,9 @@ class TrainSettings:
     # (the first ``steps`` are unchanged)
     anneal_steps: int = 0
     anneal_lr: float | None = None
+    # the cool-down's windows (None: batch_size, seq_len as before it); longer windows hold whole long documents
+    anneal_batch_size: int | None = None
+    anneal_seq_len: int | None = None
     # > 0: the model already holds this many steps of this schedule (weights without optimiser state, e.g.
     # an earlier ``train-toy`` checkpoint): train() skips their data and dropout draws, fills fresh AdamW
     # moments with ``MOMENT_WARMUP`` updates at lr 0, then goes on from this step
@@ -75,6 +78,12 @@ class TrainSettings:
     freeze_router: bool = False
     seed: int = 0
 
+    def window_shape(self, step: int) -> tuple[int, int]:
+        """(sequences, tokens) of the training windows drawn at ``step``."""
+        if step < self.steps:
+            return self.batch_size, self.seq_len
+        return self.anneal_batch_size or self.batch_size, self.anneal_seq_len or self.seq_len
+
     def anneal_start(self) -> float:
         """The lr the cool-down starts from."""
         return self.lr * self.min_lr_frac if self.anneal_lr is None else self.anneal_lr
@@ -84,6 +93,11 @@ class TrainSettings:
             raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
         if self.anneal_lr is not None and not self.anneal_lr > 0:  # also rejects nan
             raise ValueError(f"anneal_lr must be > 0 (or None: lr * min_lr_frac), got {self.anneal_lr}")
+        for name, low in (("anneal_batch_size", 1), ("anneal_seq_len", 2)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(
+                    f"{name} must be >= {low} (or None: as before the cool-down), got {getattr(self, name)}"
+                )
         if not 0 <= self.start_step < self.steps + self.anneal_steps:
             raise ValueError(
                 f"start_step must be in [0, steps + anneal_steps) = [0, {self.steps + self.anneal_steps}), "
@@ -206,8 +220,9 @@ def train(
     Deterministic for a fixed seed, machine and thread count.
     """
     s = settings
-    if stream.numel() <= s.seq_len + 1:
-        raise ValueError(f"token stream of {stream.numel()} tokens is shorter than seq_len + 2 = {s.seq_len + 2}")
+    longest = max(s.seq_len, s.anneal_seq_len or 0)
+    if stream.numel() <= longest + 1:
+        raise ValueError(f"token stream of {stream.numel()} tokens is shorter than seq_len + 2 = {longest + 2}")
     torch.manual_seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "gate.weight" not in n]
@@ -222,10 +237,11 @@ def train(
     dropout = _SharedDropout(s.shared_dropout, s.seed) if s.shared_dropout > 0 else None
     if dropout:
         hooks.append(("blocks.*.moe.hook_shared_out", dropout))
-    for _ in range(s.start_step):  # the draws of the steps the model already holds, in their order
-        window_starts(stream.numel(), s.batch_size, s.seq_len, gen)
+    for step in range(s.start_step):  # the draws of the steps the model already holds, in their order
+        shape = s.window_shape(step)
+        window_starts(stream.numel(), *shape, gen)
         for _ in model.config.moe_layers if dropout else ():
-            dropout.draw((s.batch_size, s.seq_len))
+            dropout.draw(shape)
     warm = MOMENT_WARMUP if s.start_step else 0
     log = TrainLog()
     start = time.perf_counter()
@@ -241,7 +257,8 @@ def train(
                 lr = lr_at(step, s) if step >= s.start_step else 0.0
                 for group in opt.param_groups:
                     group["lr"] = lr
-                window = sample_windows(stream, s.batch_size, s.seq_len, gen)
+                # the lr-0 moment warm-up draws the windows of the step it precedes
+                window = sample_windows(stream, *s.window_shape(max(step, s.start_step)), gen)
                 logits = model(window[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
                 total = loss

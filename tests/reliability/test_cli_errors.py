@@ -29,6 +29,8 @@ def run(capsys, *argv: str) -> tuple[int, str]:
         (["train-toy", "--out", "x", "--shared-dropout", "1"], "--shared-dropout must be in [0, 1), got 1.0"),
         (["train-toy", "--out", "x", "--shared-dropout", "nan"], "--shared-dropout must be in [0, 1)"),
         (["train-toy", "--out", "x", "--freeze-router", "--bias-gamma", "0.01"], "--bias-gamma cannot be combined"),
+        (["train-toy", "--out", "x", "--anneal-seq-len", "256"], "--anneal-seq-len shape the cool-down's windows"),
+        (["train-toy", "--out", "x", "--anneal-steps", "5", "--anneal-seq-len", "1"], "--anneal-seq-len must be >= 2"),
         (["train-toy", "--out", "x", "--freeze-router", "--aux-loss-coef", "0.1"], "--aux-loss-coef cannot be"),
         (["report", "no_such_spec.yaml", "--out", "r"], "ernie-lab report: error: no report spec at"),
         (["bench", "--repeats", "0"], "ernie-lab bench: error: --repeats must be >= 1"),

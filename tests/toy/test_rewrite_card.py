@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def test_the_card_line_for_a_model_without_shared_experts():
 
 
 @pytest.mark.parametrize(
-    ("anneal", "anneal_lr", "freeze"), [(0, None, False), (600, None, False), (600, 5e-4, False), (600, 5e-4, True)]
+    ("anneal", "anneal_lr", "freeze", "window"),
+    [(0, None, False, None), (600, None, False, None), (600, 5e-4, False, None), (600, 5e-4, True, 256)],
 )
-def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr, freeze):
+def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr, freeze, window):
     from ernie_lab.cli import build_parser
     from ernie_lab.commands.train_toy import settings_from_args
     from ernie_lab.toy.train import TrainSettings
@@ -94,13 +96,16 @@ def test_the_cards_reproduce_line_parses_back_to_the_settings(anneal, anneal_lr,
     settings = TrainSettings(
         steps=2500, anneal_steps=anneal, anneal_lr=anneal_lr, shared_dropout=0.6, seed=3, freeze_router=freeze
     )
+    if window:
+        settings = dataclasses.replace(settings, anneal_seq_len=window, anneal_batch_size=8)
     flags = f"{build._steps_flags(settings)} --shared-dropout {settings.shared_dropout} --seed {settings.seed}"
     args = build_parser().parse_args(["train-toy", "--out", "x", *flags.split()])
     assert settings_from_args(args) == settings
     words = build._schedule(settings)
     assert words.startswith(f"{2500 + anneal} steps")
     if anneal:
-        assert words.endswith(f"then {anneal} steps falling linearly from {anneal_lr or 3e-4:g} to 0")
+        shape = f" of 8 x {window} tokens" if window else ""
+        assert words.endswith(f"then {anneal} steps{shape} falling linearly from {anneal_lr or 3e-4:g} to 0")
     else:
         assert "falling" not in words
 
@@ -127,6 +132,7 @@ def test_the_shipped_cards_reproduce_command_asks_for_its_recorded_settings():
     else:  # a continued run: the checkpoint it continued is named by its weights' digest
         assert args.init_from == "CKPT" and args.anneal_steps == recorded.anneal_steps
         assert args.anneal_lr == recorded.anneal_lr and args.freeze_router == recorded.freeze_router
+        assert (args.anneal_batch_size, args.anneal_seq_len) == (recorded.anneal_batch_size, recorded.anneal_seq_len)
         assert recorded.start_step == metrics["init_from"]["steps"] and len(metrics["init_from"]["sha256"]) == 64
         assert f"sha256 {metrics['init_from']['sha256']}" in (TOY / "README.md").read_text()
 
@@ -144,8 +150,6 @@ def test_a_continued_runs_card_names_the_checkpoint_and_the_command():
 
 
 def test_a_frozen_router_run_says_so_and_its_command_asks_for_it():
-    import dataclasses
-
     from ernie_lab.cli import build_parser
     from ernie_lab.commands.train_toy import settings_from_args
     from ernie_lab.toy.train import TrainSettings
@@ -161,6 +165,9 @@ def test_a_frozen_router_run_says_so_and_its_command_asks_for_it():
     assert settings_from_args(build_parser().parse_args(reproduce_command(lines))) == scratch
     plain = build._training_lines(TrainSettings(), {k: v for k, v in facts.items() if k != "init_from"}, "x86", 1)
     assert "frozen" not in plain and "--freeze-router" not in plain
-    continued = build.continued_run("toy", 5000, 1e-3, freeze_router=True)["settings"]
+    continued = build.continued_run("toy", 5000, 1e-3, freeze_router=True, anneal_seq_len=256)["settings"]
     assert continued.freeze_router and continued.anneal_lr == 1e-3 and continued.anneal_steps == 5000
+    assert continued.window_shape(continued.steps) == (continued.batch_size, 256)
+    with pytest.raises(TypeError, match=r"\['seq_len'\] are not settings of the continued steps"):
+        build.continued_run("toy", 5000, seq_len=256)
     assert not build.continued_run("toy", 5000)["settings"].freeze_router

@@ -184,6 +184,37 @@ def test_start_step_skips_the_held_steps_draws_and_warms_the_moments_at_lr_0(mon
         dataclasses.replace(settings, start_step=7)
 
 
+def test_the_cool_down_draws_its_own_window_shape_and_a_continued_run_skips_each_steps_draws(monkeypatch):
+    cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
+    stream = torch.arange(3000) % 61
+    full = TrainSettings(steps=4, anneal_steps=3, batch_size=2, seq_len=16, anneal_batch_size=3, anneal_seq_len=24)
+    seen = []
+
+    def recording(stream, batch, seq_len, gen):
+        windows = sample(stream, batch, seq_len, gen)
+        seen.append(windows)
+        return windows
+
+    sample = train_module.sample_windows
+    monkeypatch.setattr(train_module, "sample_windows", recording)
+    torch.manual_seed(0)
+    train(el.ErnieMoE(cfg), stream, full, progress=False)
+    assert [tuple(w.shape) for w in seen] == [(2, 17)] * 4 + [(3, 25)] * 3
+    seen.clear()
+    torch.manual_seed(0)
+    train(el.ErnieMoE(cfg), stream, dataclasses.replace(full, start_step=5), progress=False)
+    # the 5 held steps' draws are skipped in their own shapes (4 cosine, 1 cool-down); the lr-0 warm-up and the
+    # remaining steps draw cool-down windows
+    gen = torch.Generator().manual_seed(0)
+    held = [window_starts(3000, *full.window_shape(step), gen) for step in range(5)]
+    starts = [window_starts(3000, 3, 24, gen) for _ in range(MOMENT_WARMUP + 2)]
+    assert len(held) == 5 and [w[:, 0].tolist() for w in seen] == [(s % 61).tolist() for s in starts]
+    with pytest.raises(ValueError, match=r"anneal_seq_len must be >= 2 \(or None: as before the cool-down\), got 1"):
+        dataclasses.replace(full, anneal_seq_len=1)
+    with pytest.raises(ValueError, match="token stream of 20 tokens is shorter than seq_len \\+ 2 = 26"):
+        train(el.ErnieMoE(cfg), torch.arange(20), full, progress=False)
+
+
 def test_freeze_router_keeps_gates_and_bias_and_trains_the_rest():
     cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, moe_intermediate_size=16)
     stream = torch.arange(3000) % 61
