@@ -121,12 +121,12 @@ def settings_from_args(args) -> TrainSettings:
 
 
 def run(args) -> int:
-    from ernie_lab.toy.build import DEFAULT_N_DOCS, build_toy, continued_run
+    from ernie_lab.toy.build import COOLDOWN_FIELDS, DEFAULT_N_DOCS, build_toy, continued_run
 
     check_args(args)
     if args.init_from is not None:
         # a bad checkpoint is named before any work
-        cooldown = {name: getattr(args, name) for name in ("anneal_batch_size", "anneal_seq_len", "freeze_router")}
+        cooldown = {name: getattr(args, name) for name in COOLDOWN_FIELDS}
         continued_run(args.init_from, args.anneal_steps, args.anneal_lr, **cooldown)
 
     apply_threads(args.threads, "train-toy")

@@ -141,6 +141,15 @@ def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | N
             f"--anneal-steps must be > {recorded.anneal_steps} to train past them"
         )
     defaults = {name: getattr(TrainSettings(), name) for name in COOLDOWN_FIELDS}
+    if recorded.anneal_steps:  # its cool-down's steps drew windows of its shape: the continued ones do too
+        for name in ("anneal_batch_size", "anneal_seq_len"):
+            given, held_shape = cooldown.get(name), getattr(recorded, name)
+            if given is not None and given != held_shape:
+                raise ValueError(
+                    f"--init-from {init_from} annealed with {name}={held_shape}; a continued cool-down keeps its "
+                    f"window shape (got {given})"
+                )
+            cooldown[name] = held_shape
     settings = dataclasses.replace(
         recorded, anneal_steps=anneal_steps, anneal_lr=anneal_lr, start_step=held, **{**defaults, **cooldown}
     )

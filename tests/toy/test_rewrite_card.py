@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -118,8 +119,6 @@ def reproduce_command(card: str) -> list[str]:
 
 
 def test_the_shipped_cards_reproduce_command_asks_for_its_recorded_settings():
-    import json
-
     from ernie_lab.cli import build_parser
     from ernie_lab.commands.train_toy import settings_from_args
     from ernie_lab.toy.train import TrainSettings
@@ -149,7 +148,7 @@ def test_a_continued_runs_card_names_the_checkpoint_and_the_command():
     assert (args.init_from, args.anneal_steps, args.threads) == ("CKPT", 800, 1)
 
 
-def test_a_frozen_router_run_says_so_and_its_command_asks_for_it():
+def test_a_frozen_router_run_says_so_and_its_command_asks_for_it(tmp_path):
     from ernie_lab.cli import build_parser
     from ernie_lab.commands.train_toy import settings_from_args
     from ernie_lab.toy.train import TrainSettings
@@ -165,9 +164,18 @@ def test_a_frozen_router_run_says_so_and_its_command_asks_for_it():
     assert settings_from_args(build_parser().parse_args(reproduce_command(lines))) == scratch
     plain = build._training_lines(TrainSettings(), {k: v for k, v in facts.items() if k != "init_from"}, "x86", 1)
     assert "frozen" not in plain and "--freeze-router" not in plain
-    continued = build.continued_run("toy", 5000, 1e-3, freeze_router=True, anneal_seq_len=256)["settings"]
+    scratch_ckpt = tmp_path / "scratch"  # a checkpoint of a run without a cool-down (only metrics.json is read)
+    scratch_ckpt.mkdir()
+    (scratch_ckpt / "model.safetensors").write_bytes(b"")
+    metrics = {"settings": dataclasses.asdict(TrainSettings(steps=3000)), "n_docs": 10, "seconds": 1.0}
+    (scratch_ckpt / "metrics.json").write_text(json.dumps(metrics))
+    continued = build.continued_run(scratch_ckpt, 5000, 1e-3, freeze_router=True, anneal_seq_len=256)["settings"]
     assert continued.freeze_router and continued.anneal_lr == 1e-3 and continued.anneal_steps == 5000
     assert continued.window_shape(continued.steps) == (continued.batch_size, 256)
     with pytest.raises(TypeError, match=r"\['seq_len'\] are not settings of the continued steps"):
-        build.continued_run("toy", 5000, seq_len=256)
-    assert not build.continued_run("toy", 5000)["settings"].freeze_router
+        build.continued_run(scratch_ckpt, 5000, seq_len=256)
+    # the shipped toy annealed with the cosine's windows: continuing its cool-down keeps them
+    assert build.continued_run("toy", 5000)["settings"].window_shape(5000) == (16, 128)
+    with pytest.raises(ValueError, match="annealed with anneal_seq_len=None; a continued cool-down keeps its window"):
+        build.continued_run("toy", 5000, anneal_seq_len=256)
+    assert not build.continued_run(scratch_ckpt, 5000)["settings"].freeze_router
