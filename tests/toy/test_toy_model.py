@@ -156,19 +156,24 @@ def test_anneal_steps_continue_the_schedule_to_zero_and_leave_the_first_steps_al
         TrainSettings(anneal_steps=-2)
 
 
-def test_start_step_skips_the_held_steps_draws_and_warms_the_moments_at_lr_0(monkeypatch):
+@pytest.fixture
+def seen(monkeypatch):
+    """The windows train() draws, in order (``sample_windows`` recorded)."""
+    drawn = []
+    sample = train_module.sample_windows
+
+    def recording(stream, batch, seq_len, gen):
+        drawn.append(sample(stream, batch, seq_len, gen))
+        return drawn[-1]
+
+    monkeypatch.setattr(train_module, "sample_windows", recording)
+    return drawn
+
+
+def test_start_step_skips_the_held_steps_draws_and_warms_the_moments_at_lr_0(seen):
     cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
     stream = torch.arange(3000) % 61
     settings = TrainSettings(steps=4, anneal_steps=3, start_step=4, batch_size=2, seq_len=16, warmup=1, seed=5)
-    seen = []
-
-    def recording(stream, batch, seq_len, gen):
-        windows = sample(stream, batch, seq_len, gen)
-        seen.append(windows)
-        return windows
-
-    sample = train_module.sample_windows
-    monkeypatch.setattr(train_module, "sample_windows", recording)
     torch.manual_seed(0)
     model = el.ErnieMoE(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -184,19 +189,10 @@ def test_start_step_skips_the_held_steps_draws_and_warms_the_moments_at_lr_0(mon
         dataclasses.replace(settings, start_step=7)
 
 
-def test_the_cool_down_draws_its_own_window_shape_and_a_continued_run_skips_each_steps_draws(monkeypatch):
+def test_the_cool_down_draws_its_own_window_shape_and_a_continued_run_skips_each_steps_draws(seen):
     cfg = toy_config(128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, moe_intermediate_size=16)
     stream = torch.arange(3000) % 61
     full = TrainSettings(steps=4, anneal_steps=3, batch_size=2, seq_len=16, anneal_batch_size=3, anneal_seq_len=24)
-    seen = []
-
-    def recording(stream, batch, seq_len, gen):
-        windows = sample(stream, batch, seq_len, gen)
-        seen.append(windows)
-        return windows
-
-    sample = train_module.sample_windows
-    monkeypatch.setattr(train_module, "sample_windows", recording)
     torch.manual_seed(0)
     train(el.ErnieMoE(cfg), stream, full, progress=False)
     assert [tuple(w.shape) for w in seen] == [(2, 17)] * 4 + [(3, 25)] * 3
