@@ -80,7 +80,7 @@ ROUTING = [
     'el.routing.vocab_specialisation(r, tok, min_count=3, top=3).query("layer == @L").head(12)',
     "**Shared vs routed**: output norms of the shared experts and of the routed mixture, and their cosine. On "
     "the toy the shared expert's output is a few percent of the routed mixture's and zeroing it moves held-out NLL "
-    "by about 0.001 nats (model card): training dropped its output half the time, so the routed experts took its "
+    "by under 0.001 nats (model card): training dropped its output half the time, so the routed experts took its "
     "work. On ERNIE 4.5 itself, measure rather than assume.",
     "el.routing.shared_vs_routed(r)",
     "## The Chinese experts (discovered on half of the texts)\nEvery other held-out text of each domain is used "

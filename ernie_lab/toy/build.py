@@ -317,6 +317,7 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
     fig = plot_specialisation(rep["specialisation"], layer=model.config.moe_layers[-1])
     fig.savefig(ckpt / "domain_load.png", dpi=90)
     n_params = sum(p.numel() for p in model.parameters())
+    threads = torch.get_num_threads()
     bal = rep["balance"].groupby("bias")[["cv", "max_vio"]].mean()
     metrics = {
         **facts,
@@ -333,10 +334,10 @@ def _write_card(ckpt: Path, model, tokenizer, settings: TrainSettings, facts: di
         "dissociation_passes": {d: int(n) for d, n in dis[dis.passes].groupby("domain").layer.nunique().items()},
         "settings": settings.__dict__,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {threads} thread{'s' if threads > 1 else ''}",
     }
     (ckpt / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    cfg, threads = model.config, torch.get_num_threads()
+    cfg = model.config
     card = f"""# ernie_lab toy model
 
 An ERNIE 4.5 MoE with the released architecture at laptop scale, trained by `ernie-lab train-toy`

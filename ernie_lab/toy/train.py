@@ -31,7 +31,7 @@ TOY_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     # 16 experts top-2: six domains' pairs need not share an expert (with 8, five of six pairs in run W2's
-    # layer 1 shared one with another domain; README); chosen over 72 runs, seeds swing the result
+    # layer 1 shared one with another domain; README); chosen over 76 runs, seeds swing the result
     moe_num_experts=16,
     moe_k=2,
     moe_num_shared_experts=1,  # shared width 128 against 2 x 128 routed per token and 16 x 128 stored

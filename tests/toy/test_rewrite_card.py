@@ -142,7 +142,7 @@ def test_a_continued_runs_card_names_the_checkpoint_and_the_command():
 
     settings = TrainSettings(steps=3000, anneal_steps=800, start_step=3000)
     facts = {"n_docs": 10, "n_tokens": 1000, "seconds": 300.0, "init_from": {"sha256": "ab" * 32, "steps": 3000}}
-    lines = build._training_lines(settings, facts, "x86_64, 1 threads", 1)
+    lines = build._training_lines(settings, facts, "x86_64, 1 thread", 1)
     assert f"sha256 {'ab' * 32}" in lines and "steps 3000-3799 continue a checkpoint of 3000 steps" in lines
     args = build_parser().parse_args(reproduce_command(lines))
     assert (args.init_from, args.anneal_steps, args.threads) == ("CKPT", 800, 1)
@@ -155,7 +155,7 @@ def test_a_frozen_router_run_says_so_and_its_command_asks_for_it(tmp_path):
 
     settings = TrainSettings(steps=3000, anneal_steps=800, start_step=3000, freeze_router=True)
     facts = {"n_docs": 10, "n_tokens": 1000, "seconds": 300.0, "init_from": {"sha256": "ab" * 32, "steps": 3000}}
-    lines = build._training_lines(settings, facts, "x86_64, 1 threads", 1)
+    lines = build._training_lines(settings, facts, "x86_64, 1 thread", 1)
     assert "routers (gate weights, correction bias) frozen in steps 3000-3799" in lines
     assert build_parser().parse_args(reproduce_command(lines)).freeze_router
     scratch = dataclasses.replace(settings, start_step=0, anneal_steps=0)
@@ -174,8 +174,14 @@ def test_a_frozen_router_run_says_so_and_its_command_asks_for_it(tmp_path):
     assert continued.window_shape(continued.steps) == (continued.batch_size, 256)
     with pytest.raises(TypeError, match=r"\['seq_len'\] are not settings of the continued steps"):
         build.continued_run(scratch_ckpt, 5000, seq_len=256)
-    # the shipped toy annealed with the cosine's windows: continuing its cool-down keeps them
-    assert build.continued_run("toy", 5000)["settings"].window_shape(5000) == (16, 128)
-    with pytest.raises(ValueError, match="annealed with anneal_seq_len=None; a continued cool-down keeps its window"):
-        build.continued_run("toy", 5000, anneal_seq_len=256)
+    # a checkpoint that already annealed keeps its cool-down's windows, whichever they were
+    for held, asked in (((None, None), 256), ((8, 256), 128)):
+        annealed = TrainSettings(steps=3000, anneal_steps=1500, anneal_batch_size=held[0], anneal_seq_len=held[1])
+        (scratch_ckpt / "metrics.json").write_text(json.dumps({**metrics, "settings": dataclasses.asdict(annealed)}))
+        kept = build.continued_run(scratch_ckpt, 5000)["settings"]
+        assert kept.window_shape(5000) == annealed.window_shape(3000)
+        match = f"annealed with anneal_seq_len={held[1]}; a continued cool-down keeps its window"
+        with pytest.raises(ValueError, match=match):
+            build.continued_run(scratch_ckpt, 5000, anneal_seq_len=asked)
+    (scratch_ckpt / "metrics.json").write_text(json.dumps(metrics))
     assert not build.continued_run(scratch_ckpt, 5000)["settings"].freeze_router
