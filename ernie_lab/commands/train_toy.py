@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from ernie_lab.commands import add_threads_option, apply_threads
-from ernie_lab.toy.train import TrainSettings
+from ernie_lab.toy.train import ANNEAL_WINDOW_FIELDS, COOLDOWN_FIELDS, TrainSettings
 
 # options whose values an --init-from checkpoint's metrics.json supplies instead
 SCHEDULE_OPTIONS = ("steps", "batch_size", "seq_len", "lr", "bias_gamma", "aux_loss_coef", "shared_dropout", "seed")
@@ -88,8 +88,7 @@ def check_args(args) -> None:
             )
         if not args.anneal_steps:
             raise ValueError("--init-from needs --anneal-steps >= 1: the steps to train past the checkpoint")
-    shape_options = ("anneal_batch_size", "anneal_seq_len")
-    shaped = [f"--{n.replace('_', '-')}" for n in shape_options if getattr(args, n) is not None]
+    shaped = [f"--{n.replace('_', '-')}" for n in ANNEAL_WINDOW_FIELDS if getattr(args, n) is not None]
     if shaped and not args.anneal_steps:
         raise ValueError(f"{', '.join(shaped)} shape the cool-down's windows: give --anneal-steps >= 1 with it")
     if args.freeze_router:
@@ -113,15 +112,13 @@ def check_args(args) -> None:
 
 def settings_from_args(args) -> TrainSettings:
     """The training settings the parsed options ask for (TrainSettings' defaults where none is given)."""
-    cooldown = ("anneal_steps", "anneal_lr", "anneal_batch_size", "anneal_seq_len")
-    given = {name: getattr(args, name) for name in (*SCHEDULE_OPTIONS, *cooldown)}
-    given["freeze_router"] = args.freeze_router
+    given = {name: getattr(args, name) for name in (*SCHEDULE_OPTIONS, "anneal_steps", "anneal_lr", *COOLDOWN_FIELDS)}
     settings = dataclasses.replace(TrainSettings(), **{k: v for k, v in given.items() if v is not None})
     return dataclasses.replace(settings, warmup=min(TrainSettings().warmup, max(1, settings.steps // 10)))
 
 
 def run(args) -> int:
-    from ernie_lab.toy.build import COOLDOWN_FIELDS, DEFAULT_N_DOCS, build_toy, continued_run
+    from ernie_lab.toy.build import DEFAULT_N_DOCS, build_toy, continued_run
 
     check_args(args)
     if args.init_from is not None:

@@ -31,11 +31,16 @@ from ernie_lab.toy.corpus import training_corpus
 from ernie_lab.toy.evaluate import heldout_nll, routing_report, shared_expert_effect, summary_line, task_accuracy
 from ernie_lab.toy.prompts import load_prompt_set
 from ernie_lab.toy.tokenizer_train import save_tokenizer, train_tokenizer
-from ernie_lab.toy.train import MOMENT_WARMUP, TrainSettings, toy_config, train
+from ernie_lab.toy.train import (
+    ANNEAL_WINDOW_FIELDS,
+    COOLDOWN_FIELDS,
+    MOMENT_WARMUP,
+    TrainSettings,
+    toy_config,
+    train,
+)
 
 DEFAULT_N_DOCS = 30000
-# settings a continued run (``init_from``) may choose for its own steps; every other one is the checkpoint's
-COOLDOWN_FIELDS = ("freeze_router", "anneal_batch_size", "anneal_seq_len")
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 4], "pad_token_id": 0, "do_sample": False}
 
 
@@ -142,7 +147,7 @@ def continued_run(init_from: str | Path, anneal_steps: int, anneal_lr: float | N
         )
     defaults = {name: getattr(TrainSettings(), name) for name in COOLDOWN_FIELDS}
     if recorded.anneal_steps:  # its cool-down's steps drew windows of its shape: the continued ones do too
-        for name in ("anneal_batch_size", "anneal_seq_len"):
+        for name in ANNEAL_WINDOW_FIELDS:
             given, held_shape = cooldown.get(name), getattr(recorded, name)
             if given is not None and given != held_shape:
                 raise ValueError(
@@ -226,10 +231,12 @@ def _schedule(s: TrainSettings) -> str:
 
 
 def _anneal_flags(s: TrainSettings) -> str:
-    flags = f" --anneal-steps {s.anneal_steps}" if s.anneal_steps else ""
-    flags += f" --anneal-lr {s.anneal_lr:g}" if s.anneal_steps and s.anneal_lr is not None else ""
-    flags += f" --anneal-batch-size {s.anneal_batch_size}" if s.anneal_steps and s.anneal_batch_size else ""
-    flags += f" --anneal-seq-len {s.anneal_seq_len}" if s.anneal_steps and s.anneal_seq_len else ""
+    flags = ""
+    if s.anneal_steps:
+        flags = f" --anneal-steps {s.anneal_steps}"
+        flags += f" --anneal-lr {s.anneal_lr:g}" if s.anneal_lr is not None else ""
+        flags += f" --anneal-batch-size {s.anneal_batch_size}" if s.anneal_batch_size else ""
+        flags += f" --anneal-seq-len {s.anneal_seq_len}" if s.anneal_seq_len else ""
     return flags + (" --freeze-router" if s.freeze_router else "")
 
 

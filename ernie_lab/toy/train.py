@@ -112,6 +112,11 @@ class TrainSettings:
             raise ValueError(f"shared_dropout must be in [0, 1), got {self.shared_dropout}")
 
 
+# the cool-down's own window shape, and what a continued run (``start_step`` > 0 from a checkpoint) may choose for
+# its own steps; every other setting is the checkpoint's
+ANNEAL_WINDOW_FIELDS = ("anneal_batch_size", "anneal_seq_len")
+COOLDOWN_FIELDS = ("freeze_router", *ANNEAL_WINDOW_FIELDS)
+
 MOMENT_WARMUP = 50  # lr-0 updates that fill fresh AdamW moments when training resumes from weights alone
 
 
@@ -245,8 +250,9 @@ def train(
     warm = MOMENT_WARMUP if s.start_step else 0
     log = TrainLog()
     start = time.perf_counter()
-    gates = [p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight") and p.requires_grad]
-    frozen = gates if s.freeze_router else []
+    frozen = []  # the gates this run freezes (a caller's own frozen parameters stay as they are)
+    if s.freeze_router:
+        frozen = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight") and p.requires_grad]
     for p in frozen:  # no gradient: AdamW skips them and the clipping norm leaves them out
         p.requires_grad_(False)
     model.train()
